@@ -1,0 +1,1 @@
+"""merv.extract.encoders."""

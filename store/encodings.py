@@ -1,0 +1,41 @@
+"""Lossy encodings that a store may apply; the reader undoes them.
+
+- `fp16`: exact float16 (the default).
+- `bitround`: numcodecs BitRound on the float16 mantissa (a zarr filter): relative error per
+  value at most 2**-(keepbits+1); zstd then compresses the zeroed low bits.
+- `int8`: per-token absmax quantization, q = round(x / s) with s = max|x| / 127 over the
+  token's d channels, scales kept as float32. Absolute error per value at most s / 2 before the
+  reader's float16 output rounding (relative 2**-11 on top).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(…, d) float -> int8 values and float32 per-token scales of shape (…)."""
+    x = np.asarray(x, dtype=np.float32)
+    absmax = np.abs(x).max(axis=-1)
+    scale = (absmax / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return (q.astype(np.float32) * scale[..., None].astype(np.float32)).astype(np.float16)
+
+
+def error_bound(encoding: str, x: np.ndarray, keepbits: int = 7) -> np.ndarray:
+    """Documented worst-case absolute error per value for features `x` (float32)."""
+    x = np.asarray(x, dtype=np.float32)
+    fp16_rounding = np.abs(x) * 2.0**-11 + 2.0**-24  # float16 rounding incl. subnormals
+    if encoding == "fp16":
+        return fp16_rounding
+    if encoding == "bitround":
+        return np.abs(x) * 2.0 ** -(keepbits + 1) * 1.001 + fp16_rounding * 2
+    if encoding == "int8":
+        scale = np.abs(x).max(axis=-1, keepdims=True) / 127.0
+        return scale / 2 * 1.0001 + np.abs(x) * 2.0**-10 + 2.0**-24
+    raise ValueError(f"unknown encoding {encoding!r}")

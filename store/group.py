@@ -1,0 +1,235 @@
+"""One encoder configuration inside a store: feature arrays per kind plus shard commit records."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import socket
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs.numcodecs import BitRound
+
+from .encodings import dequantize_int8, quantize_int8
+from .kv import GroupKV
+from .schema import KINDS, CommitRecord, EncoderGroupSpec
+
+ZSTD_LEVEL = 3
+ARRAY_CONFIG = {"write_empty_chunks": True}  # a shard's bytes never depend on its values being zero
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def commit_key(kind: str, shard: int) -> str:
+    return f"commits/{kind}/{shard:08d}.json"
+
+
+class EncoderGroup:
+    """Features of one encoder configuration.
+
+    Layout under the group: `<kind>` is a (rows, t, h, w, d) array with one chunk per sample and
+    `samples_per_shard[kind]` samples per zarr shard; `<kind>_scales` (int8 encoding only) holds
+    the per-token scales; `commits/<kind>/<shard>.json` are the commit records.
+    """
+
+    def __init__(self, group: zarr.Group, samples_per_shard: dict[str, int], url: str) -> None:
+        self.group = group
+        self.url = url
+        self.spec = EncoderGroupSpec.from_json(dict(group.attrs["merv_encoder"]))
+        self.key = self.spec.key()
+        self.name = self.spec.name
+        self.samples_per_shard = dict(samples_per_shard)
+        self.kv = GroupKV(group)
+        self._arrays: dict[str, zarr.Array] = {}
+
+    # ---------------------------------------------------------------- creation / layout
+    @staticmethod
+    def create(
+        root: zarr.Group, spec: EncoderGroupSpec, rows: dict[str, int], samples_per_shard: dict[str, int], url: str
+    ) -> "EncoderGroup":
+        group = root.create_group(spec.key(), attributes={"merv_encoder": spec.to_json()})
+        for kind in KINDS:
+            EncoderGroup._create_arrays(group, spec, kind, rows[kind], samples_per_shard[kind])
+        return EncoderGroup(group, samples_per_shard, url)
+
+    @staticmethod
+    def _create_arrays(group: zarr.Group, spec: EncoderGroupSpec, kind: str, rows: int, per_shard: int) -> None:
+        shape = spec.stored_shape(kind)
+        dtype = "int8" if spec.encoding == "int8" else "float16"
+        filters: Any = [BitRound(keepbits=spec.bitround_keepbits)] if spec.encoding == "bitround" else None
+        group.create_array(
+            kind,
+            shape=(rows, *shape),
+            chunks=(1, *shape),
+            shards=(per_shard, *shape),
+            dtype=dtype,
+            filters=filters,
+            compressors=[ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()],
+            fill_value=0,
+            config=ARRAY_CONFIG,
+            dimension_names=("sample", "t", "h", "w", "d"),
+        )
+        if spec.encoding == "int8":
+            group.create_array(
+                f"{kind}_scales",
+                shape=(rows, *shape[:3]),
+                chunks=(1, *shape[:3]),
+                shards=(per_shard, *shape[:3]),
+                dtype="float32",
+                compressors=[ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()],
+                fill_value=0,
+                config=ARRAY_CONFIG,
+                dimension_names=("sample", "t", "h", "w"),
+            )
+
+    def array(self, kind: str) -> zarr.Array:
+        if kind not in self._arrays:
+            self._arrays[kind] = self.group[kind]  # type: ignore[assignment]
+        return self._arrays[kind]
+
+    def scales(self, kind: str) -> zarr.Array:
+        return self.group[f"{kind}_scales"]  # type: ignore[return-value]
+
+    def resize(self, rows: dict[str, int]) -> None:
+        for kind in KINDS:
+            arr = self.array(kind)
+            arr.resize((rows[kind], *arr.shape[1:]))
+            if self.spec.encoding == "int8":
+                sc = self.scales(kind)
+                sc.resize((rows[kind], *sc.shape[1:]))
+        self._arrays.clear()
+
+    # ---------------------------------------------------------------- shards
+    def rows(self, kind: str) -> int:
+        return int(self.array(kind).shape[0])
+
+    def num_shards(self, kind: str) -> int:
+        per = self.samples_per_shard[kind]
+        return -(-self.rows(kind) // per)
+
+    def shard_range(self, kind: str, shard: int) -> range:
+        per = self.samples_per_shard[kind]
+        start = shard * per
+        return range(start, min(start + per, self.rows(kind)))
+
+    def commits(self, kind: str) -> dict[int, CommitRecord]:
+        """Valid commit records that still cover their whole shard; anything else is pending."""
+        keys = [k for k in self.kv.list_prefix(f"commits/{kind}/") if k.endswith(".json")]
+        out: dict[int, CommitRecord] = {}
+        for key, raw in self.kv.get_many(keys).items():
+            if raw is None:
+                continue
+            try:
+                rec = CommitRecord.from_bytes(raw)
+            except (ValueError, TypeError, KeyError):
+                continue  # a torn or foreign record is not a commit
+            if rec.shard < self.num_shards(kind):
+                expected = self.shard_range(kind, rec.shard)
+                if rec.start == expected.start and rec.count == len(expected):
+                    out[rec.shard] = rec
+        return out
+
+    def is_committed(self, kind: str, shard: int) -> bool:
+        raw = self.kv.get(commit_key(kind, shard))
+        if raw is None:
+            return False
+        try:
+            rec = CommitRecord.from_bytes(raw)
+        except (ValueError, TypeError, KeyError):
+            return False
+        expected = self.shard_range(kind, shard)
+        return rec.start == expected.start and rec.count == len(expected)
+
+    def write_shard(
+        self,
+        kind: str,
+        shard: int,
+        features: np.ndarray,
+        failed: dict[int, str] | None = None,
+        worker: str | None = None,
+    ) -> CommitRecord:
+        """Write one whole shard, then commit it.
+
+        `features` is (n, t, h, w, d) for the n rows of the shard (rows listed in `failed` are
+        ignored and stored as zeros). For a frame-wise encoder, image features may be given with
+        one frame or with all frames (the first is kept). The old commit record is removed first,
+        so a rewrite is never visible half-done.
+        """
+        rows = self.shard_range(kind, shard)
+        if len(rows) == 0:
+            raise IndexError(f"{self.key}: shard {shard} of {kind} is out of range ({self.num_shards(kind)} shards)")
+        failed = {int(k): str(v) for k, v in (failed or {}).items()}
+        data = self._prepare(kind, np.asarray(features), len(rows), failed)
+        self.kv.delete(commit_key(kind, shard))
+        nbytes = 0
+        if self.spec.encoding == "int8":
+            q, s = quantize_int8(data)
+            self.array(kind)[rows.start : rows.stop] = q
+            self.scales(kind)[rows.start : rows.stop] = s
+            nbytes = q.nbytes + s.nbytes
+        else:
+            self.array(kind)[rows.start : rows.stop] = data.astype(np.float16)
+            nbytes = data.shape[0] * int(np.prod(data.shape[1:])) * 2
+        record = CommitRecord(
+            shard=shard,
+            start=rows.start,
+            count=len(rows),
+            failed={str(k): v for k, v in sorted(failed.items())},
+            worker=worker or f"{socket.gethostname()}:{os.getpid()}",
+            written=_now(),
+            bytes=nbytes,
+        )
+        self.kv.set(commit_key(kind, shard), record.to_bytes())
+        return record
+
+    def _prepare(self, kind: str, data: np.ndarray, n: int, failed: dict[int, str]) -> np.ndarray:
+        t, h, w, d = self.spec.stored_shape(kind)
+        if data.ndim != 5 or data.shape[0] != n:
+            raise ValueError(
+                f"{self.key}: shard of {kind} needs features of shape ({n}, t, h, w, d), got {tuple(data.shape)}"
+            )
+        if kind == "image" and self.spec.framewise and data.shape[1] != 1:
+            data = data[:, :1]
+        if tuple(data.shape[1:]) != (t, h, w, d):
+            raise ValueError(
+                f"{self.key}: {kind} features must be {(n, t, h, w, d)} (grid and dim of this group), "
+                f"got {tuple(data.shape)}"
+            )
+        bad = [i for i in failed if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"{self.key}: failed rows {bad} are outside the shard (0..{n - 1})")
+        data = np.array(data, dtype=np.float32, copy=True)
+        if failed:
+            data[sorted(failed)] = 0.0
+        ok = np.ones(n, dtype=bool)
+        ok[list(failed)] = False
+        if ok.any() and not np.isfinite(data[ok]).all():
+            raise ValueError(f"{self.key}: features contain NaN or Inf; record those samples as failed instead")
+        if self.spec.encoding != "int8" and ok.any() and np.abs(data[ok]).max() > 65504:
+            raise ValueError(f"{self.key}: features exceed the float16 range; use encoding='int8' or rescale")
+        return data
+
+    # ---------------------------------------------------------------- reading
+    def read_rows(self, kind: str, rows: np.ndarray | slice) -> np.ndarray:
+        """Decoded float16 features of the given rows (no commit check: callers do that)."""
+        arr = self.array(kind)
+        if isinstance(rows, slice):
+            raw = arr[rows]
+            scales = self.scales(kind)[rows] if self.spec.encoding == "int8" else None
+        else:
+            idx = np.asarray(rows, dtype=np.int64)
+            raw = arr.oindex[idx] if len(idx) else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+            scales = None
+            if self.spec.encoding == "int8":
+                sc = self.scales(kind)
+                scales = sc.oindex[idx] if len(idx) else np.zeros((0, *sc.shape[1:]), dtype=np.float32)
+        if scales is not None:
+            return dequantize_int8(np.asarray(raw), np.asarray(scales))
+        return np.asarray(raw)
+
+    def info(self) -> dict[str, Any]:
+        return {"key": self.key, **self.spec.to_json()}

@@ -1,0 +1,137 @@
+"""`merv store info` and `merv store verify`: what a store holds, and whether every byte is sound."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from zarr.core.sync import sync
+
+from .group import EncoderGroup, commit_key
+from .schema import KINDS, CommitRecord
+from .store import FeatureStore
+
+
+def _bytes_under(store: FeatureStore, prefix: str) -> int:
+    zstore = store.root.store_path.store
+    base = store.root.store_path.path.strip("/")
+    full = f"{base}/{prefix}" if base else prefix
+    return int(sync(zstore.getsize_prefix(full)))
+
+
+def group_status(group: EncoderGroup, kind: str) -> dict[str, int]:
+    """Sample counts: committed (readable), failed, pending (not yet committed)."""
+    rows = group.rows(kind)
+    commits = group.commits(kind)
+    covered = sum(r.count for r in commits.values())
+    failed = sum(len(r.failed) for r in commits.values())
+    return {"rows": rows, "committed": covered - failed, "failed": failed, "pending": rows - covered,
+            "shards": group.num_shards(kind), "shards_committed": len(commits)}
+
+
+def store_info(store: FeatureStore) -> dict[str, Any]:
+    out: dict[str, Any] = store.info()
+    groups = []
+    for key in store.encoder_keys():
+        group = store.group(key)
+        spec = group.spec
+        status = {k: group_status(group, k) for k in KINDS}
+        on_disk = _bytes_under(store, key)
+        done = sum(s["committed"] for s in status.values())
+        groups.append({
+            "key": key,
+            "name": spec.name,
+            "fingerprint": spec.fingerprint,
+            "group_fingerprint": spec.group_fingerprint(),
+            "grid": list(spec.grid),
+            "dim": spec.dim,
+            "framewise": spec.framewise,
+            "encoding": spec.encoding + (f"(keepbits={spec.bitround_keepbits})" if spec.encoding == "bitround" else ""),
+            "dtype": str(group.array("video").dtype),
+            "stored_shape": {k: list(spec.stored_shape(k)) for k in KINDS},
+            "status": status,
+            "bytes_on_disk": on_disk,
+            "bytes_per_sample": (on_disk / done) if done else None,
+            "info": spec.info,
+        })
+    out["encoders"] = groups
+    return out
+
+
+@dataclass
+class Problem:
+    group: str
+    kind: str
+    shard: int
+    message: str
+    samples: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        who = f" samples: {', '.join(self.samples)}" if self.samples else ""
+        return f"{self.group} {self.kind} shard {self.shard}: {self.message}{who}"
+
+
+@dataclass
+class VerifyReport:
+    shards_checked: int = 0
+    samples_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    uncommitted_shards: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _read_all(group: EncoderGroup, kind: str, rows: range) -> None:
+    group.array(kind)[rows.start : rows.stop]
+    if group.spec.encoding == "int8":
+        group.scales(kind)[rows.start : rows.stop]
+
+
+def verify_store(store: FeatureStore, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Re-read and checksum every committed chunk; name each corrupt shard and sample."""
+    report = VerifyReport()
+    table = store.samples
+    if len(set(table.ids)) != len(table.ids):
+        report.problems.append(Problem("samples", "-", -1, "duplicate ids in the sample table"))
+    jobs = [(store.group(key), kind) for key in store.encoder_keys() for kind in KINDS]
+    total = sum(g.num_shards(k) for g, k in jobs)
+    done = 0
+    for group, kind in jobs:
+        commits = group.commits(kind)
+        for shard in range(group.num_shards(kind)):
+            done += 1
+            if progress:
+                progress(done, total)
+            rows = group.shard_range(kind, shard)
+            if shard not in commits:
+                raw = group.kv.get(commit_key(kind, shard))
+                if raw is not None:
+                    try:
+                        CommitRecord.from_bytes(raw)
+                    except (ValueError, TypeError, KeyError):
+                        report.problems.append(Problem(group.key, kind, shard, "commit record is unreadable (corrupt)"))
+                        continue
+                report.uncommitted_shards += 1
+                continue
+            report.shards_checked += 1
+            report.samples_checked += len(rows)
+            chunk_key = f"{kind}/c/{shard}/0/0/0/0"
+            if not group.kv.exists(chunk_key):
+                report.problems.append(Problem(group.key, kind, shard, f"committed but its data object {chunk_key!r} is missing"))
+                continue
+            try:
+                _read_all(group, kind, rows)
+            except Exception as exc:  # noqa: BLE001 - any decode failure is corruption to report
+                bad = []
+                for row in rows:
+                    try:
+                        _read_all(group, kind, range(row, row + 1))
+                    except Exception:  # noqa: BLE001
+                        bad.append(table.ids[int(table.indices_of_rows(kind, np.array([row]))[0])])
+                msg = f"corrupt data ({type(exc).__name__}: {exc})"
+                report.problems.append(Problem(group.key, kind, shard, msg, bad))
+    return report
