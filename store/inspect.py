@@ -39,7 +39,13 @@ def store_info(store: FeatureStore) -> dict[str, Any]:
         spec = group.spec
         status = {k: group_status(group, k) for k in KINDS}
         on_disk = _bytes_under(store, key)
-        done = sum(s["committed"] for s in status.values())
+        per_kind = {}
+        for kind in KINDS:
+            kind_bytes = _bytes_under(store, f"{key}/{kind}")
+            if spec.encoding == "int8":
+                kind_bytes += _bytes_under(store, f"{key}/{kind}_scales")
+            done = status[kind]["committed"] + status[kind]["failed"]
+            per_kind[kind] = (kind_bytes / done) if done else None
         groups.append({
             "key": key,
             "name": spec.name,
@@ -53,7 +59,7 @@ def store_info(store: FeatureStore) -> dict[str, Any]:
             "stored_shape": {k: list(spec.stored_shape(k)) for k in KINDS},
             "status": status,
             "bytes_on_disk": on_disk,
-            "bytes_per_sample": (on_disk / done) if done else None,
+            "bytes_per_sample": per_kind,
             "info": spec.info,
         })
     out["encoders"] = groups

@@ -153,10 +153,8 @@ class FeatureReader:
                 pos = [p for p, k in enumerate(kinds) if k == kind]
                 if not pos:
                     continue
-                rows = self.table.rows[[indices[p] for p in pos]]
-                order = np.argsort(rows, kind="stable")
-                data = group.read_rows(kind, rows[order])
-                for j, p in enumerate(np.asarray(pos)[order]):
+                data = group.read_rows(kind, self.table.rows[[indices[p] for p in pos]])
+                for j, p in enumerate(pos):
                     parts[p] = data[j]
             stacked = np.stack([self._broadcast(p, t) for p in parts])  # type: ignore[arg-type]
             out[name] = self._finish(stacked)

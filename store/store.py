@@ -48,6 +48,11 @@ def _local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
+def _zarr_target(url: str) -> str:
+    """Local paths (also file:// URLs) go to zarr's LocalStore, everything else through fsspec."""
+    return _local_path(url) if _is_local(url) else url
+
+
 class FeatureStore:
     """A MERV feature store at a local path or any fsspec URL (`memory://`, `s3://`, ...)."""
 
@@ -99,7 +104,7 @@ class FeatureStore:
             created_by=f"{getpass.getuser()}@{socket.gethostname()}",
         )
         root = zarr.open_group(
-            url, mode="w" if overwrite else "w-", zarr_format=3, storage_options=storage_options
+            _zarr_target(url), mode="w" if overwrite else "w-", zarr_format=3, storage_options=storage_options
         )
         root.attrs["merv_store"] = meta.to_json()
         samples = root.create_group("samples")
@@ -137,7 +142,7 @@ class FeatureStore:
             if not os.path.exists(os.path.join(path, "zarr.json")):
                 raise NotAStoreError(url, "no zarr.json at its top level")
         try:
-            root = zarr.open_group(url, mode="r" if mode == "r" else "r+", zarr_format=3,
+            root = zarr.open_group(_zarr_target(url), mode="r" if mode == "r" else "r+", zarr_format=3,
                                    storage_options=storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:  # type: ignore[attr-defined]
             raise StoreNotFoundError(url) from exc
