@@ -185,7 +185,7 @@ class EncoderGroup:
             shard=shard,
             start=rows.start,
             count=len(rows),
-            failed={str(k): v for k, v in sorted(failed.items())},
+            failed={str(rows.start + k): v for k, v in sorted(failed.items())},  # absolute rows
             worker=worker or f"{socket.gethostname()}:{os.getpid()}",
             written=_now(),
             bytes=nbytes,

@@ -171,7 +171,7 @@ class CommitRecord:
     shard: int
     start: int  # first row of the shard in the kind's array
     count: int  # rows covered by this commit
-    failed: dict[str, str]  # str(row) -> reason
+    failed: dict[str, str]  # str(absolute row in the kind's array) -> reason
     worker: str = ""
     written: str = ""
     bytes: int = 0

@@ -215,6 +215,20 @@ def test_failed_samples_are_recorded_and_never_returned(store):
     assert status["committed"] == 2 and status["failed"] == 1 and status["pending"] == 4
 
 
+def test_failures_in_a_later_shard_are_recorded_by_absolute_row(store):
+    group = store.ensure_group(spec())
+    fill(store, group, np.random.default_rng(15))
+    x = np.ones((3, *GRID, DIM), np.float16)
+    group.write_shard("video", 1, x, failed={1: "bad frame"})  # rows 3..5: v4 fails
+    reader = FeatureReader(store)
+    assert reader.state(store.samples.index["v4"])[0] == "failed"
+    assert reader.state(store.samples.index["v1"])[0] == "ok"
+    with pytest.raises(SampleUnavailableError, match="bad frame"):
+        reader.get("v4")
+    assert "v4" not in reader.ids and len(reader.ids) == 9
+    assert next(b for b in reader.iter_shards("video") if b.shard == 1).ids == ["v3", "v5"]
+
+
 def test_encoder_subset_sees_only_samples_committed_in_all_selected(store):
     a = store.ensure_group(spec("a"))
     b = store.ensure_group(spec("b", fp="other"))
