@@ -1,0 +1,77 @@
+"""Encoder registry: one name -> one builder, with the same arguments for every encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from .base import FrozenEncoder
+from .languagebind import MODEL_ID as LANGUAGEBIND_ID
+from .languagebind import build_languagebind
+from .timm_vit import DINOV2, SIGLIP, build_timm_encoder
+from .vivit import MODEL_ID as VIVIT_ID
+from .vivit import build_vivit
+
+SIZES = ("paper", "tiny")
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    name: str
+    model_id: str
+    frames: int  # frames the paper feeds this encoder per sample
+    build: Callable[..., FrozenEncoder]
+    summary: str
+
+
+ENCODERS: dict[str, EncoderEntry] = {
+    "dinov2": EncoderEntry(
+        "dinov2", DINOV2.model_id, 16, partial(build_timm_encoder, DINOV2),
+        "spatial expert; per frame; penultimate block; patch tokens (16x16, d=1024)",
+    ),
+    "siglip": EncoderEntry(
+        "siglip", SIGLIP.model_id, 16, partial(build_timm_encoder, SIGLIP),
+        "image-language expert; per frame; penultimate block (14x14, d=768)",
+    ),
+    "vivit": EncoderEntry(
+        "vivit", VIVIT_ID, 32, build_vivit,
+        "temporal expert; 32 frames -> 16 tubelets; last hidden state without CLS (16x14x14, d=768)",
+    ),
+    "languagebind": EncoderEntry(
+        "languagebind", LANGUAGEBIND_ID, 16, build_languagebind,
+        "video-language expert; 2 x 8-frame clips; penultimate layer without CLS (16x16x16, d=1024)",
+    ),
+}
+PAPER_ENCODERS = ("languagebind", "dinov2", "vivit", "siglip")  # the reference's order
+
+
+def build_encoder(
+    name: str,
+    size: str = "paper",
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    allow_download: bool = False,
+    meta: bool = False,
+    seed: int = 0,
+) -> FrozenEncoder:
+    """Build a frozen encoder by registry name.
+
+    size: "paper" (the published architecture) or "tiny" (same classes, small widths, for tests).
+    weights: None -> paper: the HF cache (offline), tiny: random init with `seed`;
+        a file or directory -> load it; "random" -> random init with `seed` at any size.
+    allow_download: let a paper build fetch missing weights from the hub (never when
+        HF_HUB_OFFLINE is set). Without it a missing checkpoint raises `WeightsNotFoundError`.
+    meta: build on the meta device (no weights, no memory) to learn shapes, parameter counts and
+        the fingerprint of the paper configuration.
+    """
+    if name not in ENCODERS:
+        raise KeyError(f"unknown encoder {name!r}; known: {', '.join(ENCODERS)}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, not {size!r}")
+    return ENCODERS[name].build(
+        size=size, weights=weights, device=device, allow_download=allow_download, meta=meta, seed=seed
+    )
