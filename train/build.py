@@ -1,0 +1,51 @@
+"""Build a `MervModel` from (feature specs, connector config, LLM source): the one entry point the
+trainer, the demo and `merv model` use, whatever the LLM (tiny in-process or a local HF model)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .connector import Connector, ConnectorConfig
+from .llm import default_prompt_format, load_llm
+from .model import MervModel
+from .specs import FeatureSpec
+
+TINY_LLMS = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}
+
+
+def build_merv(
+    specs: list[FeatureSpec],
+    connector_config: ConnectorConfig | None = None,
+    llm_source: str = "llama2-7b-pure",
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+    prompt_format: str | None = None,
+    seed: int = 0,
+    model_max_length: int = 2048,
+    tiny_llm_kwargs: dict[str, Any] | None = None,
+) -> MervModel:
+    """Connector (seeded) + LLM. `llm_source`: a registry id, a local HF directory, or `tiny-llama` /
+    `tiny-qwen2` (built in-process with the project's own tokenizer, no files needed)."""
+    if llm_source in TINY_LLMS:
+        from .tiny import build_tiny_llm, build_tiny_tokenizer
+
+        flavor = TINY_LLMS[llm_source]
+        tokenizer = build_tiny_tokenizer(flavor, model_max_length=model_max_length)
+        llm = build_tiny_llm(tokenizer, flavor, seed=seed, dtype=dtype or torch.float32, **(tiny_llm_kwargs or {}))
+    else:
+        llm, tokenizer = load_llm(
+            llm_source, dtype=dtype or torch.bfloat16, attn_implementation=attn_implementation, model_max_length=model_max_length
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        connector = Connector(specs, llm.config.hidden_size, connector_config or ConnectorConfig())
+    connector.to(dtype=next(llm.parameters()).dtype)
+    fmt = prompt_format or default_prompt_format(llm_source, tokenizer)
+    model = MervModel(connector, llm, tokenizer=tokenizer, prompt_format=fmt, llm_source=llm_source)
+    if device is not None:
+        model.to(device)
+    return model

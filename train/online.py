@@ -1,0 +1,117 @@
+"""Online encoding: decode a raw video and run the frozen encoders in-process, producing the same
+features dict the store would serve (inference on new videos, parity tests, the online baseline).
+
+This is the only place `train` touches `merv.extract`, and only lazily, through this interface:
+  merv.extract.video.load_clip(path, num_frames) -> Clip with .frames uint8 (T, H, W, 3)
+  merv.extract.video.subsample(frames, n) -> n uniformly sampled frames
+  merv.extract.encoders.build_encoder(name, size=...) -> module with .info (grid, dim, frames)
+      and .encode(frames uint8 (B, T, H, W, 3)) -> (B, t, h, w, d)
+The loader, subsampler and encoders can be injected (tests, custom encoders).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .specs import FeatureSpec
+
+
+def _info(obj: Any, key: str, default: Any = None) -> Any:
+    info = getattr(obj, "info", None)
+    if isinstance(info, dict):
+        return info.get(key, default)
+    return getattr(info, key, default)
+
+
+def match_grid(x: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+    """Pool an encoder's native (B, t, h, w, d) output to the cached grid of `spec` (a store may pool at extraction)."""
+    b, t, h, w, d = x.shape
+    if (t, h, w) == spec.grid:
+        return x
+    if t != spec.grid[0] or d != spec.dim:
+        raise ValueError(
+            f"encoder {spec.name!r} gives (t, d) = ({t}, {d}) but the model expects ({spec.grid[0]}, {spec.dim}); "
+            "the online encoder configuration (frames, layer) differs from the one the model was trained on"
+        )
+    y = F.adaptive_avg_pool2d(x.reshape(b * t, h, w, d).permute(0, 3, 1, 2), spec.grid[1:])
+    return y.permute(0, 2, 3, 1).reshape(b, *spec.grid, d)
+
+
+class OnlineEncoders:
+    """Frozen encoders for the model's feature specs, built on first use."""
+
+    def __init__(
+        self,
+        specs: list[FeatureSpec],
+        *,
+        size: str = "paper",
+        encoders: dict[str, Any] | None = None,
+        frames: dict[str, int] | None = None,
+        loader: Callable[[str, int], Any] | None = None,
+        subsampler: Callable[[Any, int], Any] | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.specs = list(specs)
+        self.size = size
+        self._encoders: dict[str, Any] = dict(encoders or {})
+        self._frames = dict(frames or {})
+        self._loader = loader
+        self._subsampler = subsampler
+        self.device = device
+
+    def encoder(self, name: str) -> Any:
+        if name not in self._encoders:
+            from merv.extract.encoders import build_encoder  # lazy: train never imports extract otherwise
+
+            enc = build_encoder(name, size=self.size, device=self.device or "cpu")
+            if hasattr(enc, "eval"):
+                enc.eval()
+            self._encoders[name] = enc
+        return self._encoders[name]
+
+    def frames_for(self, name: str) -> int:
+        if name in self._frames:
+            return self._frames[name]
+        n = _info(self.encoder(name), "frames")
+        if not n:
+            raise ValueError(f"encoder {name!r} does not say how many frames it takes (info.frames); pass frames={{{name!r}: n}}")
+        return int(n)
+
+    def _subsample(self, frames: Any, n: int) -> Any:
+        if self._subsampler is not None:
+            return self._subsampler(frames, n)
+        from merv.extract.video import subsample
+
+        return subsample(frames, n)
+
+    @torch.no_grad()  # not inference_mode: the features may feed a training step (online baseline)
+    def encode_frames(self, frames: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """uint8 frames (T, H, W, 3) -> {name: (1, t, h, w, d)} on `device`."""
+        out: dict[str, torch.Tensor] = {}
+        for spec in self.specs:
+            enc = self.encoder(spec.name)
+            clip = torch.as_tensor(np.asarray(self._subsample(frames, self.frames_for(spec.name))))
+            feats = enc.encode(clip[None])
+            out[spec.name] = match_grid(torch.as_tensor(feats).float(), spec).to(device or "cpu")
+        return out
+
+    def encode_image(self, image: np.ndarray, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """An image is a video of repeated frames (paper 3.2)."""
+        n = max(self.frames_for(s.name) for s in self.specs)
+        return self.encode_frames(np.repeat(np.asarray(image)[None], n, axis=0), device)
+
+    def encode_path(self, path: str, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Decode `path` once (max frames over encoders), then subsample per encoder."""
+        n = max(self.frames_for(s.name) for s in self.specs)
+        if self._loader is not None:
+            clip = self._loader(path, n)
+        else:
+            from merv.extract.video import load_clip
+
+            clip = load_clip(path, n)
+        frames = getattr(clip, "frames", clip)
+        return self.encode_frames(frames, device)
