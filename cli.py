@@ -69,6 +69,44 @@ def store_verify_cmd(path: str = typer.Argument(..., help="store path or fsspec 
         raise typer.Exit(1)
 
 
+@app.command("extract")
+def extract_cmd(
+    source: str = typer.Argument(..., help="manifest (.jsonl/.csv), directory, or WebDataset .tar (glob / comma list)"),
+    store: str = typer.Option(..., "--store", help="output feature store (path or fsspec URL)"),
+    encoders: str = typer.Option("dinov2,siglip,vivit,languagebind", help="comma-separated encoder names"),
+    weights: Optional[str] = typer.Option(None, help="directory with the encoders' weights (else the HF cache, offline)"),
+    grid: str = typer.Option("8x8", help="cache pooled to HxW (least I/O) or 'native' (every token-count ablation)"),
+    encoding: str = typer.Option("fp16", help="fp16 | bitround | int8"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="join this Ray cluster (else RAY_ADDRESS, else embedded)"),
+    size: str = typer.Option("paper", help="'paper' (published weights) or 'tiny' (random tiny architectures for tests / demos)"),
+    workers: Optional[int] = typer.Option(None, help="encoder actors (default: one per GPU, else 1)"),
+    batch_size: int = typer.Option(8, help="clips per encoder forward"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="redo shards that hold recorded failures"),
+    samples_per_shard: Optional[int] = typer.Option(None, help="override the bytes-based shard size"),
+    allow_download: bool = typer.Option(False, "--allow-download", help="let missing weights be fetched from the Hub"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Decode every video once, run each frozen encoder once, write the feature store."""
+    from merv.extract.job import ExtractOptions, run_extraction
+    from merv.extract.sources import SourceError
+    from merv.store import StoreError
+
+    opts = ExtractOptions(
+        encoders=[e.strip() for e in encoders.split(",") if e.strip()], size=size, weights=weights, grid=grid,
+        encoding=encoding, workers=workers, batch_size=batch_size, retry_failed=retry_failed,
+        ray_address=ray_address, allow_download=allow_download, samples_per_shard=samples_per_shard,
+    )
+    try:
+        summary = run_extraction(source, store, opts, console=console, show_progress=not quiet)
+    except (SourceError, StoreError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    for sid, reason in list(summary.failed.items())[:20]:
+        console.print(f"[yellow]failed[/] {sid}: {reason}")
+    if len(summary.failed) > 20:
+        console.print(f"... and {len(summary.failed) - 20} more failures (see `merv store info {store}`)")
+    console.print(summary.line())
+
+
 @app.command("demo")
 def demo_cmd(out: Path = typer.Option(Path("runs/demo"), help="output directory")) -> None:
     """Main job on embedded defaults (currently: the store round trip on generated data)."""
