@@ -107,6 +107,63 @@ def extract_cmd(
     console.print(summary.line())
 
 
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command("train")
+def train_cmd(
+    data: list[str] = typer.Option(..., "--data", help="instruction data (LLaVA / Video-LLaVA JSON or JSONL); repeatable"),
+    store: list[str] = typer.Option([], "--store", help="feature store for the data (one, or one per --data)"),
+    recipe: str = typer.Option("tiny", help="merv-frozen | merv-full | <encoder>-single | tiny | ..."),
+    stage: Optional[str] = typer.Option(None, help="stage of the recipe: align | finetune | full-align (default: its last)"),
+    out: str = typer.Option("runs/train", "--out", help="run directory (config, metrics, checkpoints, export)"),
+    encoders: Optional[str] = typer.Option(None, help="encoder subset, e.g. dinov2,siglip,vivit (no re-extraction)"),
+    projector: Optional[str] = typer.Option(None, help="avg2d | avg3d | conv2d | conv3d | attentive | all_tokens | cls"),
+    tokens_per_frame: Optional[int] = typer.Option(None, help="square token count per frame: 1, 4, 16, 64, 100, 144, 256"),
+    fusion: Optional[str] = typer.Option(None, help="cross_attention | cross_attention_plain | concat_sequence | concat_channel | learnable_scalar | fixed_mix"),
+    llm: Optional[str] = typer.Option(None, help="override the recipe's LLM (registry id or local HF directory)"),
+    init_from: Optional[str] = typer.Option(None, help="start from a previous stage's export directory"),
+    global_batch_size: Optional[int] = typer.Option(None, help="samples per optimizer step (default: the recipe's)"),
+    micro_batch_size: Optional[int] = typer.Option(None, help="samples per forward per rank (gradient accumulation fills the rest)"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (default: the recipe's)"),
+    epochs: Optional[int] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
+    max_length: Optional[int] = typer.Option(None, help="truncate conversations to this many tokens"),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(0, help="checkpoint every N steps (always at the end)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run directory's latest checkpoint"),
+    online: bool = typer.Option(False, "--online", help="decode + encode in the loop instead of reading the store (baseline)"),
+    num_workers: int = typer.Option(0, help="DataLoader workers reading the store"),
+    nproc: int = typer.Option(1, help="processes on this node (launches torchrun); or run under torchrun yourself"),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="drop examples whose features are missing / failed"),
+    join_key: str = typer.Option("id", help="join instruction records to the store by 'id' or by the video file 'stem'"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    no_export: bool = typer.Option(False, "--no-export", help="skip the safetensors export at the end"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Train connector (+ LLM) from cached features with FSDP; one process, or torchrun for several."""
+    from merv.train.trainer import TrainConfig, TrainConfigError, train
+
+    config = TrainConfig(
+        data=data, stores=store, recipe=recipe, stage=stage, out_dir=out, encoders=_csv(encoders), projector=projector,
+        tokens_per_frame=tokens_per_frame, fusion=fusion, llm=llm, init_from=init_from,
+        global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, lr=lr, epochs=epochs,
+        max_steps=max_steps, max_length=max_length, seed=seed, checkpoint_every=checkpoint_every, resume=resume,
+        online=online, num_workers=num_workers, allow_missing=allow_missing, join_key=join_key, device=device,
+        export=not no_export, progress=not quiet,
+    )
+    if nproc > 1:
+        from merv.train.launch import launch_torchrun
+
+        raise typer.Exit(launch_torchrun(config, nproc))
+    try:
+        summary = train(config)
+    except (TrainConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+        _fail(str(exc))
+    console.print(f"run directory: {out} ({summary['steps']} steps; export: {summary.get('export', 'skipped')})")
+
+
 @app.command("demo")
 def demo_cmd(out: Path = typer.Option(Path("runs/demo"), help="output directory")) -> None:
     """Main job on embedded defaults (currently: the store round trip on generated data)."""

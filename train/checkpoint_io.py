@@ -41,16 +41,33 @@ class CheckpointError(ValueError):
 # --- our format ------------------------------------------------------------------------------
 
 
-def save_merv(model: MervModel, directory: str | os.PathLike[str], *, save_llm: bool = True, extra: dict[str, Any] | None = None) -> Path:
-    """Write the export directory; `save_llm=False` (align stage) records only the LLM source."""
+def save_merv(
+    model: MervModel,
+    directory: str | os.PathLike[str],
+    *,
+    save_llm: bool = True,
+    extra: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the export directory; `save_llm=False` (align stage) records only the LLM source.
+
+    `state_dict`: the full model state (keys `connector.*`, `llm.*`) to write instead of the
+    module's own, e.g. gathered from an FSDP-sharded model whose parameters are DTensors.
+    """
     from safetensors.torch import save_file
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.connector.state_dict().items()}
+    if state_dict is None:
+        connector_sd = model.connector.state_dict()
+        llm_sd = None
+    else:
+        connector_sd = {k[len("connector."):]: v for k, v in state_dict.items() if k.startswith("connector.")}
+        llm_sd = {k[len("llm."):]: v for k, v in state_dict.items() if k.startswith("llm.")}
+    state = {k: v.detach().contiguous().cpu() for k, v in connector_sd.items()}
     save_file(state, str(out / CONNECTOR_WEIGHTS), metadata={"format": FORMAT})
     if save_llm:
-        model.llm.save_pretrained(str(out / "llm"), safe_serialization=True)
+        model.llm.save_pretrained(str(out / "llm"), safe_serialization=True, state_dict=llm_sd)
     elif not model.llm_source:
         raise ValueError("save_llm=False needs model.llm_source (where to load the LLM from later)")
     if model.tokenizer is not None:

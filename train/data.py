@@ -256,6 +256,9 @@ class InstructionData:
         self.missing = missing
         self._readers = readers
         self._pid = os.getpid()
+        # Optional replacement of the store read: (data, examples, dtype) -> (features, has_visual).
+        # The trainer's --online mode decodes and encodes the videos here instead.
+        self.feature_fn: Callable[[InstructionData, Any, torch.dtype], tuple[dict[str, torch.Tensor], torch.Tensor]] | None = None
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -391,6 +394,8 @@ class InstructionData:
         full batch). One `get_batch_indices` per store, each sample read once even if several
         examples share it.
         """
+        if self.feature_fn is not None:
+            return self.feature_fn(self, examples, dtype)
         ex = np.asarray(examples, dtype=np.int64)
         stores = self.store_of[ex]
         has_visual = torch.from_numpy(stores >= 0)

@@ -115,3 +115,67 @@ class OnlineEncoders:
             clip = load_clip(path, n)
         frames = getattr(clip, "frames", clip)
         return self.encode_frames(frames, device)
+
+
+class OnlineFeatureFn:
+    """`InstructionData.feature_fn` for `merv train --online`: decode and encode every video of a
+    micro-batch in the loop (the reference's way of training), instead of reading cached features.
+
+    Sources and clip windows come from the store's sample table, and the encoders must carry the
+    same fingerprints as the store's groups, so online and cached training see the same numbers
+    (up to float16 rounding, which is applied here too). Frames are handled as at extraction:
+    decode once at the largest frame count, frame-wise encoders see an image's single frame.
+    Built lazily per process (DataLoader workers included).
+    """
+
+    def __init__(self, size: str = "paper", device: str = "cpu") -> None:
+        self.size = size
+        self.device = device
+        self._encoders: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"size": self.size, "device": self.device, "_encoders": None}
+
+    def _build(self, data: Any) -> dict[str, Any]:
+        if self._encoders is None:
+            from merv.extract.encoders import build_encoder
+
+            reader = data.readers()[0]
+            self._encoders = {}
+            for name, group in reader.groups.items():
+                enc = build_encoder(name, size=self.size, device=self.device)
+                if enc.info.fingerprint() != group.spec.fingerprint:
+                    raise ValueError(
+                        f"--online: encoder {name!r} ({self.size}) has fingerprint {enc.info.fingerprint()} but the "
+                        f"store's group {group.key} was extracted with {group.spec.fingerprint}; online training must "
+                        "use the encoder configuration the store was made with"
+                    )
+                self._encoders[name] = enc
+        return self._encoders
+
+    def __call__(self, data: Any, examples: Any, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        from merv.extract.sources import local_file
+        from merv.extract.video import load_clip
+
+        encoders = self._build(data)
+        ex = np.asarray(examples, dtype=np.int64)
+        stores = data.store_of[ex]
+        has_visual = torch.from_numpy(stores >= 0)
+        feats = {name: torch.zeros((len(ex), *shape), dtype=dtype) for name, shape in data.feature_shapes.items()}
+        readers = data.readers()
+        max_frames = max(enc.info.frames for enc in encoders.values())
+        for pos in np.nonzero(stores >= 0)[0]:
+            reader = readers[int(stores[pos])]
+            record = reader.table.record(int(data.sample_of[ex[pos]]))
+            with local_file(record.source) as path:
+                clip = load_clip(path, max_frames, start=record.start, end=record.end, end_frame=record.end_frame)
+            for name, enc in encoders.items():
+                n = 1 if (clip.is_image and enc.info.framewise) else enc.info.frames
+                frames = torch.from_numpy(np.ascontiguousarray(clip.frames_for(n)))[None]
+                out = enc.encode(frames).float()
+                shape = data.feature_shapes[name]
+                if out.shape[1] != shape[0]:  # an image's single frame, broadcast as the store does
+                    out = out.expand(-1, shape[0], -1, -1, -1)
+                spec = FeatureSpec(name, tuple(shape[:3]), int(shape[3]))
+                feats[name][int(pos)] = match_grid(out, spec)[0].to(torch.float16).to(dtype)
+        return feats, has_visual

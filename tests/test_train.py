@@ -1,0 +1,135 @@
+"""The FSDP trainer: 1 vs 2 processes, kill + resume, learning, encoder subsets, bad configs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from merv.pipelines.recipes import get_recipe
+from merv.store import UnknownEncoderError
+from merv.train.checkpoint_io import load_merv
+from merv.train.data import MissingFeaturesError
+from merv.train.metrics import read_metrics
+from merv.train.trainer import TrainConfig, TrainConfigError, train
+
+_spec = importlib.util.spec_from_file_location("helpers_train", Path(__file__).with_name("helpers_train.py"))
+helpers_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers_train)  # type: ignore[union-attr]
+
+MERV = [sys.executable, "-m", "merv.cli"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> tuple[str, str]:
+    return helpers_train.make_task(tmp_path_factory.mktemp("task"))
+
+
+def _cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*MERV, "train", *args, "--quiet"], capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+def _last_per_step(path: Path) -> dict[int, dict]:
+    """Metrics by step; a resumed run re-logs steps after its checkpoint: keep the last."""
+    return {m["step"]: m for m in read_metrics(path)}
+
+
+def test_two_gloo_processes_match_one_process(task, tmp_path):
+    data, store = task
+    common = ["--data", data, "--store", store, "--max-steps", "4", "--global-batch-size", "8", "--no-export"]
+    one = _cli([*common, "--out", str(tmp_path / "one"), "--micro-batch-size", "2"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _cli([*common, "--out", str(tmp_path / "two"), "--micro-batch-size", "4", "--nproc", "2"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = [m["loss"] for m in read_metrics(tmp_path / "one" / "metrics.jsonl")]
+    b = [m["loss"] for m in read_metrics(tmp_path / "two" / "metrics.jsonl")]
+    assert len(a) == len(b) == 4
+    assert a[-1] < a[0]  # it trains
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+def test_killed_run_resumes_exactly(task, tmp_path):
+    data, store = task
+    common = ["--data", data, "--store", store, "--max-steps", "8", "--global-batch-size", "4",
+              "--micro-batch-size", "2", "--checkpoint-every", "2", "--no-export"]
+    full = _cli([*common, "--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-2000:]
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*MERV, "train", *common, "--out", str(run), "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = run / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step-00000004"):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = latest.read_text().strip()
+    assert resumed_from < "step-00000008", "the run finished before it could be killed"
+    again = _cli([*common, "--out", str(run), "--resume"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    want = _last_per_step(tmp_path / "full" / "metrics.jsonl")
+    got = _last_per_step(run / "metrics.jsonl")
+    assert sorted(got) == sorted(want) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step]["ids_rank0"] == want[step]["ids_rank0"], step
+        assert got[step]["loss"] == want[step]["loss"], step
+        assert got[step]["lr"] == want[step]["lr"], step
+
+
+def test_loss_falls_clearly_on_a_learnable_task(task, tmp_path):
+    data, store = task
+    summary = train(TrainConfig(data=[data], stores=[store], out_dir=str(tmp_path / "learn"), max_steps=200,
+                                global_batch_size=8, micro_batch_size=8, lr=3e-3, warmup_ratio=0.05, progress=False,
+                                tensorboard=False, checkpoint_every=0))
+    losses = summary["losses"]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 and last < first / 8, (first, last)
+    # the export loads as a plain MervModel and answers from features
+    model = load_merv(summary["export"])
+    assert model.connector.names == list(get_recipe("tiny").encoders)  # the reference's fusion order
+
+
+def test_three_encoder_subset_of_a_four_encoder_store(task, tmp_path):
+    data, store = task
+    summary = train(TrainConfig(data=[data], stores=[store], out_dir=str(tmp_path / "sub"), max_steps=2,
+                                global_batch_size=4, encoders=["dinov2", "siglip", "vivit"], progress=False,
+                                tensorboard=False))
+    model = load_merv(summary["export"])
+    assert model.connector.names == ["dinov2", "siglip", "vivit"]
+    metrics = read_metrics(tmp_path / "sub" / "metrics.jsonl")
+    assert {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait_frac"} <= set(metrics[0])
+
+
+def test_bad_configurations_fail_clearly(task, tmp_path):
+    data, store = task
+    base = dict(data=[data], stores=[store], out_dir=str(tmp_path / "bad"), max_steps=1, global_batch_size=4,
+                progress=False, tensorboard=False, export=False)
+    with pytest.raises(TrainConfigError, match="not a square"):
+        train(TrainConfig(**base, tokens_per_frame=60))
+    with pytest.raises(UnknownEncoderError, match="hiera"):
+        train(TrainConfig(**base, encoders=["dinov2", "hiera"]))
+    with pytest.raises(TrainConfigError, match="micro-batches of 3"):
+        train(TrainConfig(**base, micro_batch_size=3))
+    with pytest.raises(ValueError, match="tokens|grid|frames"):
+        train(TrainConfig(**base, projector="avg2d", tokens_per_frame=64, pool_at_load=False))  # 4x4 grid < 8x8
+    records = json.loads(Path(data).read_text()) + [
+        {"id": "ghost-1", "video": "ghost-1.mp4", "conversations": [{"from": "human", "value": "<video>\nhi"},
+                                                                   {"from": "gpt", "value": "red"}]}]
+    extra = tmp_path / "with_missing.json"
+    extra.write_text(json.dumps(records))
+    with pytest.raises(MissingFeaturesError, match="ghost-1"):
+        train(TrainConfig(**{**base, "data": [str(extra)]}))
+    ok = train(TrainConfig(**{**base, "data": [str(extra)]}, allow_missing=True))
+    assert ok["steps"] == 1
