@@ -13,6 +13,8 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MERV video LLMs with cached frozen-encoder features.")
 store_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature stores.")
 app.add_typer(store_app, name="store")
+model_app = typer.Typer(no_args_is_help=True, help="Model recipes: sizes and FLOPs.")
+app.add_typer(model_app, name="model")
 console = Console()
 
 
@@ -105,6 +107,34 @@ def extract_cmd(
     if len(summary.failed) > 20:
         console.print(f"... and {len(summary.failed) - 20} more failures (see `merv store info {store}`)")
     console.print(summary.line())
+
+
+@model_app.command("info")
+def model_info_cmd(
+    recipe: str = typer.Argument("merv-frozen", help="recipe name (merv-frozen, merv-full, dinov2-single, ...)"),
+    seq_len: Optional[int] = typer.Option(None, help="LLM sequence length for FLOPs (default: the recipe's max length)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Parameters per component and analytic FLOPs per sample, from a meta-device build (no weights)."""
+    from merv.pipelines.recipes import get_recipe
+
+    try:
+        report = get_recipe(recipe).report(seq_len=seq_len).to_dict()
+    except (KeyError, ValueError) as exc:
+        _fail(str(exc.args[0]) if exc.args else str(exc))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table("component", "parameters (M)", "GFLOPs / sample")
+    flops = report["flops"]
+    for name, n in report["params"].items():
+        table.add_row(name, f"{n / 1e6:,.1f}", "" if name not in flops else f"{flops[name] / 1e9:,.1f}")
+    table.add_row("connector (projectors + fusion)", "", f"{flops['connector'] / 1e9:,.1f}")
+    console.print(table)
+    enc = sum(v for k, v in flops.items() if k.startswith("encoder/"))
+    console.print(f"total {report['total_params'] / 1e6:,.1f}M parameters; {report['total_flops'] / 1e12:,.2f} TFLOPs per "
+                  f"training sample at seq_len {report['seq_len']} (LLM forward + backward, encoders forward); "
+                  f"encoders are {100 * enc / report['total_flops']:.1f}% of it: what feature caching removes")
 
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:
