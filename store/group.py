@@ -258,6 +258,11 @@ def _read_runs(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:
         return await asyncio.gather(*(arr._async_array.getitem(slice(a, b)) for a, b in runs))
 
     pieces = sync(fetch())
-    flat = np.concatenate([np.asarray(p) for p in pieces]) if len(pieces) > 1 else np.asarray(pieces[0])
-    out[order] = flat
+    if len(pieces) == 1 and len(rows) == int(sorted_rows[-1] - sorted_rows[0]) + 1 and (order == np.arange(len(rows))).all():
+        return np.asarray(pieces[0])  # one ascending run: zarr's array is the answer, no copy
+    pos = 0
+    for piece in pieces:  # one copy of each piece into its output slots
+        n = len(piece)
+        out[order[pos : pos + n]] = np.asarray(piece)
+        pos += n
     return out

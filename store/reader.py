@@ -148,16 +148,19 @@ class FeatureReader:
         out: dict[str, Any] = {}
         for name, group in self.groups.items():
             t = group.spec.grid[0]
-            parts: list[np.ndarray | None] = [None] * len(indices)
+            result: np.ndarray | None = None
             for kind in KINDS:
                 pos = [p for p, k in enumerate(kinds) if k == kind]
                 if not pos:
                     continue
                 data = group.read_rows(kind, self.table.rows[[indices[p] for p in pos]])
-                for j, p in enumerate(pos):
-                    parts[p] = data[j]
-            stacked = np.stack([self._broadcast(p, t) for p in parts])  # type: ignore[arg-type]
-            out[name] = self._finish(stacked)
+                if len(pos) == len(indices) and data.shape[1] == t:
+                    result = data  # one kind, nothing to broadcast: use the read as is
+                    break
+                if result is None:
+                    result = np.empty((len(indices), t, *data.shape[2:]), dtype=data.dtype)
+                result[pos] = data  # an image's single frame broadcasts to t frames here
+            out[name] = self._finish(result)  # type: ignore[arg-type]
         return out
 
     # ------------------------------------------------------------------ streaming

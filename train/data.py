@@ -399,10 +399,16 @@ class InstructionData:
         ex = np.asarray(examples, dtype=np.int64)
         stores = self.store_of[ex]
         has_visual = torch.from_numpy(stores >= 0)
-        feats = {name: torch.zeros((len(ex), *shape), dtype=dtype) for name, shape in self.feature_shapes.items()}
-        if not has_visual.any():
-            return feats, has_visual
         readers = self.readers()
+        samples = self.sample_of[ex]
+        if (stores == stores[0]).all() and stores[0] >= 0 and len(np.unique(samples)) == len(samples):
+            # the common micro-batch: one store, all visual, no repeats: read in order, no extra copy
+            arrays = readers[int(stores[0])].get_batch_indices(samples.tolist())
+            return {name: torch.from_numpy(arr).to(dtype) for name, arr in arrays.items()}, has_visual
+        feats = {name: torch.empty((len(ex), *shape), dtype=dtype) for name, shape in self.feature_shapes.items()}
+        text_only = torch.from_numpy(np.nonzero(stores < 0)[0])
+        for name in feats:
+            feats[name][text_only] = 0
         for st in np.unique(stores[stores >= 0]):
             pos = np.nonzero(stores == st)[0]
             uniq, inverse = np.unique(self.sample_of[ex[pos]], return_inverse=True)

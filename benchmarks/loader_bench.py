@@ -1,0 +1,130 @@
+"""Loader benchmark: the trainer's StreamingLoader against the codec-only limit.
+
+A store with the paper's four encoders pooled to 8x8 (16 frames; dims 1024, 1024, 768, 768) is
+written per encoding. Then, for the same samples:
+  loader      StreamingLoader (the training path: deterministic order, per-rank row reads,
+              tokenisation, collation into tensors), one epoch, num_workers 0 and 1
+  codec_only  read every shard file and decode its chunks with crc32c + zstd (+ int8 scales)
+Prints JSON with samples/s, MB/s of decoded features and loader / codec_only.
+
+    python -m merv.benchmarks.loader_bench --samples 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from merv.benchmarks.store_bench import codec_only
+from merv.store import EncoderGroupSpec, FeatureStore, SampleRecord
+
+PAPER = [("languagebind", 1024), ("dinov2", 1024), ("vivit", 768), ("siglip", 768)]
+GRID = (16, 8, 8)
+
+
+def build(root: Path, encoding: str, samples: int) -> tuple[str, str]:
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    per_sample = int(np.prod(GRID)) * 1024 * 2
+    st = FeatureStore.create(str(root / "s.zarr"), grid=GRID[1:], bytes_per_sample={"video": per_sample, "image": per_sample})
+    st.add_samples([SampleRecord(f"v{i:05d}", f"synthetic://{i}") for i in range(samples)])
+    rng = np.random.default_rng(0)
+    for name, dim in PAPER:
+        g = st.ensure_group(EncoderGroupSpec(name, "bench", GRID, dim, framewise=False, encoding=encoding))  # type: ignore[arg-type]
+        for shard in range(g.num_shards("video")):
+            rows = g.shard_range("video", shard)
+            x = rng.standard_normal((len(rows), *GRID, dim), dtype=np.float32)
+            x[..., :4] *= 20.0
+            g.write_shard("video", shard, x)
+    records = [{"id": f"v{i:05d}", "video": f"v{i:05d}.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nDescribe the video."}, {"from": "gpt", "value": "a video"}]} for i in range(samples)]
+    (root / "data.json").write_text(json.dumps(records))
+    return str(root / "data.json"), str(root / "s.zarr")
+
+
+def _tokenize(conversations: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    words = " ".join(t["value"] for t in conversations).split()
+    ids = [1] + [hash(w) % 1000 + 3 for w in words]
+    return ids, [-100] * (len(ids) - 2) + ids[-2:]
+
+
+def run_loader(data_json: str, store: str, batch: int, workers: int) -> tuple[float, int, int]:
+    import torch
+
+    from merv.train.data import DataSource, InstructionData
+    from merv.train.loader import StreamingLoader
+
+    data = InstructionData.build([DataSource([data_json], store)])
+    loader = StreamingLoader(data, _tokenize, global_batch_size=batch, num_workers=workers, world_size=1, rank=0,
+                             feature_dtype=torch.float16, prefetch_factor=4)
+    n = nbytes = 0
+    t0 = time.perf_counter()
+    for mb in loader:
+        n += len(mb["ids"])
+        nbytes += sum(v.numel() * v.element_size() for v in mb["features"].values())
+        if n >= len(data):
+            break
+    return time.perf_counter() - t0, n, nbytes
+
+
+def codec_only_all(store: str) -> tuple[float, int]:
+    st = FeatureStore.open(store)
+    total_s = total_b = 0.0
+    for key in st.encoder_keys():
+        single = _OneGroup(st, key)
+        s, b = codec_only(single)  # type: ignore[arg-type]
+        total_s += s
+        total_b += b
+    return total_s, int(total_b)
+
+
+class _OneGroup:
+    """Present one group of a store to `store_bench.codec_only` (which reads the first group)."""
+
+    def __init__(self, store: FeatureStore, key: str) -> None:
+        self._store, self._key = store, key
+        self.url = store.url
+
+    def encoder_keys(self) -> list[str]:
+        return [self._key]
+
+    def group(self, key: str):  # noqa: ANN201
+        return self._store.group(key)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="/tmp/merv-loader-bench")
+    ap.add_argument("--encodings", default="fp16,bitround,int8")
+    args = ap.parse_args()
+    results = []
+    for encoding in args.encodings.split(","):
+        data_json, store = build(Path(args.out) / encoding, encoding, args.samples)
+        codec_s, codec_b = min((codec_only_all(store) for _ in range(args.repeats)), key=lambda r: r[0])
+        row = {"encoding": encoding, "samples": args.samples, "grid": list(GRID), "encoders": [n for n, _ in PAPER],
+               "codec_only_samples_per_s": args.samples / codec_s, "codec_only_MBps": codec_b / codec_s / 1e6}
+        for workers in (0, 1):
+            secs, n, nbytes = min((run_loader(data_json, store, args.batch, workers) for _ in range(args.repeats)),
+                                  key=lambda r: r[0])
+            row[f"loader_w{workers}_samples_per_s"] = n / secs
+            row[f"loader_w{workers}_MBps"] = nbytes / secs / 1e6
+            row[f"loader_w{workers}_vs_codec_only"] = (n / secs) / (args.samples / codec_s)
+        results.append(row)
+        shutil.rmtree(Path(args.out) / encoding)
+    print(json.dumps({"benchmark": "loader", "machine": platform.machine(), "cores": os.cpu_count(),
+                      "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
