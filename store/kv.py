@@ -34,6 +34,13 @@ class GroupKV:
     def delete(self, key: str) -> None:
         sync(self._store.delete(self._key(key)))
 
+    def size(self, key: str) -> int:
+        """Stored bytes of one object (0 when absent): what extraction reports as written."""
+        try:
+            return int(sync(self._store.getsize(self._key(key))))
+        except FileNotFoundError:
+            return 0
+
     def exists(self, key: str) -> bool:
         return bool(sync(self._store.exists(self._key(key))))
 

@@ -182,6 +182,10 @@ class FeatureStore:
         if self._samples is None:
             g = self.root["samples"]
             cols = {name: np.asarray(g[name][:]) for name in SAMPLE_COLUMNS}  # type: ignore[index]
+            # A writer killed inside `add_samples` can leave some columns longer than others;
+            # only rows every column holds exist (the next `add_samples` rewrites the rest).
+            n = min(len(c) for c in cols.values())
+            cols = {name: c[:n] for name, c in cols.items()}
             self._samples = SampleTable(
                 cols["id"], cols["kind"], cols["source"], cols["row"], cols["start"], cols["end"], cols["end_frame"]
             )
@@ -223,6 +227,7 @@ class FeatureStore:
                 continue
             new.append(rec)
         if not new:
+            self._size_groups()
             return []
         cols = SampleTable.columns(new, self.rows_per_kind())
         g = self.root["samples"]
@@ -232,10 +237,17 @@ class FeatureStore:
             arr.resize((n0 + len(new),))
             arr[n0:] = cols[name]
         self._samples = None
+        self._size_groups()
+        return new
+
+    def _size_groups(self) -> None:
+        """Give every group one row per sample; also repairs an `add_samples` killed between
+        the sample table and the groups (a re-run then adds nothing new but still needs this)."""
         rows = self.rows_per_kind()
         for key in self.encoder_keys():
-            self.group(key).resize(rows)
-        return new
+            group = self.group(key)
+            if any(group.rows(kind) != rows[kind] for kind in KINDS):
+                group.resize(rows)
 
     # ------------------------------------------------------------------ encoder groups
     def encoder_keys(self) -> list[str]:

@@ -108,4 +108,12 @@ def preprocess_frames(frames: torch.Tensor, spec: Preprocessing) -> torch.Tensor
 def _resize(x: torch.Tensor, out_hw: tuple[int, int], spec: Preprocessing) -> torch.Tensor:
     if tuple(x.shape[-2:]) == out_hw:
         return x
+    if x.device.type == "cpu" and spec.interpolation == "bilinear" and not spec.antialias:
+        # torch's CPU bilinear kernel picks a different (differently rounding) implementation
+        # for 3-channel images when the process runs ONE intra-op thread, so features would
+        # depend on the extracting worker's thread count. Resizing single-channel planes
+        # always takes the generic kernel: identical numbers at any thread count (and faster).
+        n, c, h, w = x.shape
+        planes = F.interpolate(x.reshape(n * c, 1, h, w), size=out_hw, mode="bilinear", align_corners=False)
+        return planes.reshape(n, c, *out_hw)
     return F.interpolate(x, size=out_hw, mode=spec.interpolation, align_corners=False, antialias=spec.antialias)

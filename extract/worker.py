@@ -1,0 +1,224 @@
+"""The work itself, free of Ray: decode one sample, encode and write one whole shard.
+
+`job.py` wraps these in Ray tasks (decoding, CPU) and actors (encoders, loaded once), so the
+same code runs in-process for tests and debugging.
+
+Decode tasks import only this module's top level, `sources` and `video` (no torch, no zarr:
+several seconds per fresh worker process); torch and the store are imported where encoding starts.
+
+Determinism: a sample's features do not depend on which other samples share its batch or on the
+worker's thread count (checked bitwise by the tests on CPU), so a re-run, a retried shard or an
+added encoder reproduces exactly what an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from merv.store import EncoderGroup
+
+# Fault injection for the tests: when set to a path that does not exist yet, the first shard
+# written in any worker creates it and kills its process after writing one group (mid-shard).
+CRASH_ONCE_ENV = "MERV_TEST_CRASH_ONCE"
+FP16_MAX = 65504.0
+
+
+@dataclass
+class Decoded:
+    """A decoded sample or the reason it could not be decoded (recorded as a failure)."""
+
+    row: int
+    frames: np.ndarray | None  # uint8 (T, H, W, 3); T == 1 for images
+    is_image: bool = False
+    backend: str = ""
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class ShardResult:
+    kind: str
+    shard: int
+    samples: int
+    failed: dict[str, str]  # sample id -> reason
+    bytes_written: int  # bytes of the shard objects as stored (compressed)
+    decode_seconds: float
+    encode_seconds: float
+    worker: str = ""
+
+
+@dataclass
+class WorkerConfig:
+    encoders: list[str]
+    groups: dict[str, str]  # encoder name -> group key, checked against the built encoder
+    size: str = "paper"
+    weights: str | None = None
+    pooled: tuple[int, int] | None = None
+    batch_size: int = 8
+    device: str = "auto"
+    allow_download: bool = False
+    torch_threads: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def decode_sample(source: str, window: tuple[float | None, float | None, int | None], row: int,
+                  num_frames: int) -> Decoded:
+    """Decode `num_frames` uniformly sampled frames of `source` within `window` (start, end,
+    end_frame), or the reason it cannot be decoded."""
+    from .sources import local_file
+    from .video import load_clip
+
+    start, end, end_frame = window
+    t0 = time.perf_counter()
+    try:
+        with local_file(source) as path:
+            clip = load_clip(path, num_frames, start=start, end=end, end_frame=end_frame)
+        return Decoded(row, clip.frames, clip.is_image, clip.backend, None, time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded with its reason, the job goes on
+        return Decoded(row, None, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
+
+
+def resolve_device(device: str) -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ShardEncoder:
+    """Holds the frozen encoders (weights loaded once) and turns decoded clips into written shards."""
+
+    def __init__(self, config: WorkerConfig, store_url: str) -> None:
+        import torch
+
+        from merv.store import FeatureStore
+
+        from .encoders import build_encoder
+
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.encoders = {
+            name: build_encoder(name, size=config.size, weights=config.weights, device=str(self.device),
+                                allow_download=config.allow_download)
+            for name in config.encoders
+        }
+        self.store = FeatureStore.open(store_url, mode="a")
+        for name, key in config.groups.items():
+            have, want = self.encoders[name].info.fingerprint(), self.store.group(key).spec.fingerprint
+            if have != want:
+                raise RuntimeError(
+                    f"encoder {name!r} built on {socket.gethostname()} has fingerprint {have[:16]}, but the store group "
+                    f"{key} was planned for {want[:16]}: the worker sees other weights than the driver "
+                    "(check --weights / the HF cache on every node)"
+                )
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    # ------------------------------------------------------------------ encoding
+    def encode_clips(self, name: str, clips: list[np.ndarray], is_image: bool) -> list[np.ndarray]:
+        """float32 (t, h, w, d) features per clip, pooled to the store grid if asked.
+
+        Clips are batched `batch_size` at a time across videos; each clip is preprocessed on its
+        own (videos differ in resolution), exactly as `FrozenEncoder.encode` would.
+        """
+        import torch
+
+        from merv.store.grid import pool_grid_torch
+
+        from .video import subsample
+
+        enc = self.encoders[name]
+        n = 1 if (is_image and enc.info.framewise) else enc.info.frames
+        out: list[np.ndarray] = []
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else contextlib.nullcontext())
+        for start in range(0, len(clips), max(1, self.config.batch_size)):
+            chunk = clips[start : start + self.config.batch_size]
+            with torch.inference_mode():
+                pixels = [enc.preprocess(torch.from_numpy(np.ascontiguousarray(subsample(c, n)))[None].to(self.device))
+                          for c in chunk]
+                with autocast:
+                    feats = enc(torch.cat(pixels)).float()
+                if self.config.pooled:
+                    feats = pool_grid_torch(feats, self.config.pooled)
+                out.extend(feats.cpu().numpy())
+        return out
+
+    def _encode_group(self, name: str, ok: list[Decoded], is_image: bool) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        """Features by row; a failing batch falls back to one clip at a time so one bad sample
+        (or an out-of-memory batch) costs only itself."""
+        feats: dict[int, np.ndarray] = {}
+        failed: dict[int, str] = {}
+        try:
+            for d, f in zip(ok, self.encode_clips(name, [d.frames for d in ok], is_image)):  # type: ignore[misc]
+                feats[d.row] = f
+        except Exception:  # noqa: BLE001 - retried per clip below
+            for d in ok:
+                try:
+                    feats[d.row] = self.encode_clips(name, [d.frames], is_image)[0]  # type: ignore[list-item]
+                except Exception as one:  # noqa: BLE001 - recorded as this sample's failure
+                    failed[d.row] = f"{name} encoder: {type(one).__name__}: {one}"
+        limit = FP16_MAX if self.store.group(self.config.groups[name]).spec.encoding != "int8" else np.inf
+        for row, f in list(feats.items()):
+            if not np.isfinite(f).all() or np.abs(f).max(initial=0.0) > limit:
+                failed[row] = f"{name} encoder: features are non-finite or exceed the float16 range"
+                del feats[row]
+        return feats, failed
+
+    # ------------------------------------------------------------------ one shard
+    def process(self, kind: str, shard: int, group_keys: list[str], ids: list[str], decoded: list[Decoded]) -> ShardResult:
+        """Encode every decodable sample of the shard with each group's encoder, write, commit."""
+        decoded = sorted(decoded, key=lambda d: d.row)
+        start = decoded[0].row
+        decode_failed = {d.row: str(d.error) for d in decoded if d.error}
+        ok = [d for d in decoded if not d.error]
+        t0 = time.perf_counter()
+        nbytes = 0
+        all_failed = dict(decode_failed)
+        for i, key in enumerate(group_keys):
+            group = self.store.group(key)
+            feats, enc_failed = self._encode_group(group.name, ok, kind == "image") if ok else ({}, {})
+            failed = {**decode_failed, **enc_failed}
+            out = np.zeros((len(decoded), *group.spec.stored_shape(kind)), dtype=np.float32)
+            for row, f in feats.items():
+                out[row - start] = f
+            group.write_shard(kind, shard, out, failed={r - start: v for r, v in failed.items()}, worker=self.worker)
+            nbytes += shard_bytes(group, kind, shard)
+            all_failed.update(failed)
+            if i == 0:
+                _maybe_crash_for_test()
+        return ShardResult(kind, shard, len(decoded), {ids[r - start]: why for r, why in sorted(all_failed.items())},
+                           nbytes, sum(d.seconds for d in decoded), time.perf_counter() - t0, self.worker)
+
+
+def shard_bytes(group: EncoderGroup, kind: str, shard: int) -> int:
+    """Stored (compressed) size of one shard's data objects."""
+    keys = [f"{kind}/c/{shard}/0/0/0/0"]
+    if group.spec.encoding == "int8":
+        keys.append(f"{kind}_scales/c/{shard}/0/0/0")
+    return sum(group.kv.size(k) for k in keys)
+
+
+def _maybe_crash_for_test() -> None:
+    marker = os.environ.get(CRASH_ONCE_ENV)
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # exactly one worker wins
+    except FileExistsError:
+        return
+    os.write(fd, f"{socket.gethostname()}:{os.getpid()}\n".encode())
+    os.close(fd)
+    os._exit(1)
