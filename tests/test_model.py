@@ -249,9 +249,10 @@ def test_generate_from_video_with_online_encoders(tiny) -> None:
         calls.append((path, n))
         return video[:: 16 // n]
 
-    online = OnlineEncoders(specs, encoders=encoders, loader=loader, subsampler=lambda f, n: f[:: len(f) // n])
+    online = OnlineEncoders(specs, encoders=encoders, loader=loader, subsampler=lambda f, n: f[:: len(f) // n],
+                            decode_frames=16)
     feats = online.encode_path("clip.mp4")
-    assert calls == [("clip.mp4", 8)]
+    assert calls == [("clip.mp4", 16)]  # decoded once; each encoder subsamples its 8 / 4 frames
     assert {k: tuple(v.shape) for k, v in feats.items()} == {"enc_a": (1, 4, 6, 6, 32), "enc_b": (1, 4, 4, 4, 24)}
     native_b = encoders["enc_b"].encode(torch.as_tensor(video[::16 // 8][::2])[None])
     assert torch.allclose(feats["enc_b"], match_grid(native_b, specs[1]), atol=1e-6)

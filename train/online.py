@@ -54,8 +54,10 @@ class OnlineEncoders:
         loader: Callable[[str, int], Any] | None = None,
         subsampler: Callable[[Any, int], Any] | None = None,
         device: str | torch.device | None = None,
+        decode_frames: int | None = None,
     ) -> None:
         self.specs = list(specs)
+        self.decode_frames = decode_frames  # None: extraction's rule (see encode_path)
         self.size = size
         self._encoders: dict[str, Any] = dict(encoders or {})
         self._frames = dict(frames or {})
@@ -105,8 +107,14 @@ class OnlineEncoders:
         return self.encode_frames(np.repeat(np.asarray(image)[None], n, axis=0), device)
 
     def encode_path(self, path: str, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-        """Decode `path` once (max frames over encoders), then subsample per encoder."""
-        n = max(self.frames_for(s.name) for s in self.specs)
+        """Decode `path` once, as extraction does (`merv.extract.plan.decode_frames`), then
+        subsample per encoder: the model sees the frames it was trained on from the cache."""
+        if self.decode_frames is not None:
+            n = self.decode_frames
+        else:
+            from merv.extract.plan import decode_frames
+
+            n = decode_frames([self.frames_for(s.name) for s in self.specs])
         if self._loader is not None:
             clip = self._loader(path, n)
         else:
@@ -163,9 +171,9 @@ class OnlineFeatureFn:
         has_visual = torch.from_numpy(stores >= 0)
         feats = {name: torch.zeros((len(ex), *shape), dtype=dtype) for name, shape in data.feature_shapes.items()}
         readers = data.readers()
-        max_frames = max(enc.info.frames for enc in encoders.values())
         for pos in np.nonzero(stores >= 0)[0]:
             reader = readers[int(stores[pos])]
+            max_frames = _frames_decoded(reader, encoders)
             record = reader.table.record(int(data.sample_of[ex[pos]]))
             with local_file(record.source) as path:
                 clip = load_clip(path, max_frames, start=record.start, end=record.end, end_frame=record.end_frame)
@@ -179,3 +187,13 @@ class OnlineFeatureFn:
                 spec = FeatureSpec(name, tuple(shape[:3]), int(shape[3]))
                 feats[name][int(pos)] = match_grid(out, spec)[0].to(torch.float16).to(dtype)
         return feats, has_visual
+
+
+def _frames_decoded(reader: Any, encoders: dict[str, Any]) -> int:
+    """Frames decoded per sample at extraction (recorded in each group), so an encoder subset
+    sees the same frames online as cached; older stores: the most any encoder takes."""
+    for group in reader.groups.values():
+        decoded = (group.spec.info or {}).get("decoding", {}).get("frames_decoded")
+        if decoded:
+            return int(decoded)
+    return max(enc.info.frames for enc in encoders.values())
