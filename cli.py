@@ -73,7 +73,9 @@ def store_verify_cmd(path: str = typer.Argument(..., help="store path or fsspec 
 
 @app.command("extract")
 def extract_cmd(
-    source: str = typer.Argument(..., help="manifest (.jsonl/.csv), directory, or WebDataset .tar (glob / comma list)"),
+    source: Optional[str] = typer.Argument(
+        None, help="manifest (.jsonl/.json/.csv), directory, or WebDataset .tar (glob / comma list); "
+                   "omit to (re-)extract the samples the store already lists"),
     store: str = typer.Option(..., "--store", help="output feature store (path or fsspec URL)"),
     encoders: str = typer.Option("dinov2,siglip,vivit,languagebind", help="comma-separated encoder names"),
     weights: Optional[str] = typer.Option(None, help="directory with the encoders' weights (else the HF cache, offline)"),
@@ -82,31 +84,50 @@ def extract_cmd(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="join this Ray cluster (else RAY_ADDRESS, else embedded)"),
     size: str = typer.Option("paper", help="'paper' (published weights) or 'tiny' (random tiny architectures for tests / demos)"),
     workers: Optional[int] = typer.Option(None, help="encoder actors (default: one per GPU, else 1)"),
-    batch_size: int = typer.Option(8, help="clips per encoder forward"),
+    batch_size: int = typer.Option(8, help="clips per encoder forward (across videos)"),
+    inflight: int = typer.Option(2, help="shards in flight per encoder actor (bounds memory)"),
+    decode_cpus: float = typer.Option(1.0, help="CPUs per decode task"),
+    worker_cpus: Optional[float] = typer.Option(None, help="CPUs reserved per actor (default 1 with GPUs, 0 on CPU-only)"),
+    torch_threads: Optional[int] = typer.Option(None, help="torch threads per actor (default: the CPUs it may use)"),
+    device: str = typer.Option("auto", help="encoder device: auto | cpu | cuda"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="redo shards that hold recorded failures"),
-    samples_per_shard: Optional[int] = typer.Option(None, help="override the bytes-based shard size"),
+    samples_per_shard: Optional[int] = typer.Option(None, help="samples per shard of a new store (else ~128 MiB shards)"),
     allow_download: bool = typer.Option(False, "--allow-download", help="let missing weights be fetched from the Hub"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
-    """Decode every video once, run each frozen encoder once, write the feature store."""
-    from merv.extract.job import ExtractOptions, run_extraction
+    """Decode every video once, run each frozen encoder once, write the feature store.
+
+    A re-run skips committed shards; exit status 1 when a shard could not be written.
+    """
+    from merv.extract.encoders import WeightsError
+    from merv.extract.job import ExtractError, ExtractOptions, run_extraction
     from merv.extract.sources import SourceError
     from merv.store import StoreError
 
     opts = ExtractOptions(
         encoders=[e.strip() for e in encoders.split(",") if e.strip()], size=size, weights=weights, grid=grid,
-        encoding=encoding, workers=workers, batch_size=batch_size, retry_failed=retry_failed,
-        ray_address=ray_address, allow_download=allow_download, samples_per_shard=samples_per_shard,
+        encoding=encoding, workers=workers, batch_size=batch_size, inflight_per_worker=inflight,
+        retry_failed=retry_failed, ray_address=ray_address, device=device, allow_download=allow_download,
+        samples_per_shard=samples_per_shard, decode_cpus=decode_cpus, worker_cpus=worker_cpus,
+        torch_threads=torch_threads,
     )
     try:
-        summary = run_extraction(source, store, opts, console=console, show_progress=not quiet)
-    except (SourceError, StoreError, ValueError, FileNotFoundError) as exc:
+        summary = run_extraction(source, store, opts, console=Console(stderr=True), show_progress=not quiet)
+    except (SourceError, StoreError, ExtractError, WeightsError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    for sid, reason in list(summary.failed.items())[:20]:
-        console.print(f"[yellow]failed[/] {sid}: {reason}")
-    if len(summary.failed) > 20:
-        console.print(f"... and {len(summary.failed) - 20} more failures (see `merv store info {store}`)")
-    console.print(summary.line())
+    if as_json:
+        print(json.dumps(summary.to_json(), indent=2, default=str))
+    else:
+        for sid, reason in list(summary.failed.items())[:20]:
+            console.print(f"[yellow]failed[/] {sid}: {reason}", markup=True, highlight=False)
+        if len(summary.failed) > 20:
+            console.print(f"... and {len(summary.failed) - 20} more failures (see `merv store info {store}`)")
+        for shard, reason in summary.unfinished.items():
+            console.print(f"[red]not written[/] {shard}: {reason}", highlight=False)
+        console.print(summary.line(), highlight=False)
+    if not summary.ok:
+        raise typer.Exit(1)
 
 
 @model_app.command("info")
@@ -194,9 +215,126 @@ def train_cmd(
     console.print(f"run directory: {out} ({summary['steps']} steps; export: {summary.get('export', 'skipped')})")
 
 
+@app.command("eval")
+def eval_cmd(
+    checkpoint: str = typer.Argument(..., help="export directory of `merv train` (run/export)"),
+    benchmarks: list[str] = typer.Option(..., "--benchmark", help="eval_data directory (test_q.json, test_a.json); repeatable"),
+    store: str = typer.Option(..., "--store", help="feature store holding the benchmark videos (see `merv eval-manifest`)"),
+    out: str = typer.Option("runs/eval", "--out"),
+    mode: str = typer.Option("generate", help="MCQ answering: generate (greedy + letter extraction) | loglik (option likelihood)"),
+    judge_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint for the open-ended LLM judge"),
+    judge_model: str = typer.Option("gpt-4o-mini-2024-07-18", help="judge model name"),
+    batch_size: int = typer.Option(8),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
+) -> None:
+    """Evaluate a checkpoint on MCQ / open-ended benchmarks from cached features (shard with torchrun)."""
+    import os
+
+    from merv.pipelines.evaluate import EvalError, evaluate
+    from merv.pipelines.scoring import JudgeClient
+
+    judge = JudgeClient(judge_url, model=judge_model, api_key=os.environ.get("OPENAI_API_KEY")) if judge_url else None
+    try:
+        result = evaluate(checkpoint, benchmarks, store, out, mode=mode, judge=judge, batch_size=batch_size, device=device)
+    except (EvalError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if result is None:
+        console.print(f"rank done; after all ranks finish run: merv eval-finalize {out}")
+        return
+    console.print(Path(out, "summary.md").read_text())
+
+
+@app.command("eval-finalize")
+def eval_finalize_cmd(out: str = typer.Argument(..., help="evaluation output directory"),
+                      world_size: Optional[int] = typer.Option(None, help="ranks of the sharded run")) -> None:
+    """Merge per-rank predictions of a sharded evaluation, score and summarise."""
+    from merv.pipelines.evaluate import finalize_results
+
+    finalize_results(out, world_size=world_size)
+    console.print(Path(out, "summary.md").read_text())
+
+
+@app.command("eval-manifest")
+def eval_manifest_cmd(benchmark: str = typer.Argument(..., help="eval_data directory"),
+                      out: str = typer.Argument(..., help="manifest JSONL to write (input of `merv extract`)"),
+                      video_dir: Optional[str] = typer.Option(None, help="where the benchmark's videos are")) -> None:
+    """Write the extraction manifest of a benchmark's videos (with their clip windows)."""
+    from merv.pipelines.evaluate import EvalError, write_eval_manifest
+
+    try:
+        path = write_eval_manifest(benchmark, out, video_dir=video_dir)
+    except (EvalError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print(f"wrote {path}; next: merv extract {path} --store EVAL_STORE")
+
+
+@app.command("analyze")
+def analyze_cmd(
+    predictions: str = typer.Argument(..., help="predictions.jsonl or an eval run directory"),
+    out: str = typer.Option("runs/plots", "--out"),
+    sources: Optional[str] = typer.Option(None, help="manifest JSONL or store, for thumbnails of the top videos"),
+    compare: list[str] = typer.Option([], help="LABEL=predictions.jsonl of other models for the skill chart; repeatable"),
+) -> None:
+    """Fusion-weight distribution, top videos per encoder, accuracy per skill (PNG)."""
+    from merv.pipelines.analysis import plot_all
+
+    others = dict(c.split("=", 1) for c in compare) if compare else None
+    written = plot_all(predictions, out, sources=sources, compare=others)
+    for name, path in written.items():
+        console.print(f"{name}: {path}")
+
+
+@app.command("generate")
+def generate_cmd(
+    video: str = typer.Argument(..., help="video or image file"),
+    question: str = typer.Argument(..., help="question about it"),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="export directory of `merv train`"),
+    size: Optional[str] = typer.Option(None, help="encoder size (default: the checkpoint recipe's)"),
+    max_new_tokens: int = typer.Option(64),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Answer a question about a raw video: online decoding + encoders + the trained model."""
+    from merv.pipelines.recipes import RECIPES
+    from merv.train.checkpoint_io import load_merv, read_merv_config
+    from merv.train.online import OnlineEncoders
+
+    cfg = read_merv_config(checkpoint)
+    recipe = RECIPES.get(str(cfg.get("extra", {}).get("recipe")))
+    model = load_merv(checkpoint, device=device)
+    encoders = OnlineEncoders(model.connector.specs, size=size or (recipe.size if recipe else "paper"), device=device)
+    out = model.generate_from_video(video, question=question, encoders=encoders, max_new_tokens=max_new_tokens)
+    print(out.text)
+
+
+@app.command("ablate")
+def ablate_cmd(
+    sweep: str = typer.Argument(..., help="sweep file (JSON / YAML): base config, axes, benchmarks"),
+    out: str = typer.Option("runs/ablate", "--out"),
+) -> None:
+    """Train + evaluate a grid of configurations from the same cache; resumable; one results table."""
+    from merv.pipelines.ablate import Sweep, run_sweep
+
+    rows = run_sweep(Sweep.from_file(sweep), out, progress=True)
+    console.print(Path(out, "table.md").read_text())
+    console.print(f"{len(rows)} configurations; table: {out}/table.csv")
+
+
 @app.command("demo")
-def demo_cmd(out: Path = typer.Option(Path("runs/demo"), help="output directory")) -> None:
-    """Main job on embedded defaults (currently: the store round trip on generated data)."""
+def demo_cmd(
+    out: str = typer.Option("runs/demo", "--out", help="output directory"),
+    videos: int = typer.Option(200, help="synthetic videos (80% train, 20% held out)"),
+    steps: int = typer.Option(300, help="training steps"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Synthetic video QA -> extract (tiny encoders, Ray) -> train from cache -> evaluate -> plots."""
+    from merv.pipelines.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=out, videos=videos, steps=steps, seed=seed), console=console)
+
+
+@app.command("roundtrip")
+def roundtrip_cmd(out: Path = typer.Option(Path("runs/roundtrip"), help="output directory")) -> None:
+    """Store health check: write features in every encoding, read back, verify checksums."""
     from merv.pipelines.roundtrip import run_roundtrip
 
     result = run_roundtrip(str(out / "roundtrip.zarr"))

@@ -25,6 +25,6 @@ def test_model_info_reports_paper_sizes_without_weights():
 
 
 def test_roundtrip_job_runs_and_verifies(tmp_path):
-    out = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
+    out = CliRunner().invoke(app, ["roundtrip", "--out", str(tmp_path)])
     assert out.exit_code == 0, out.output
     assert "verify: clean" in out.output
