@@ -4,7 +4,6 @@ without decoding or encoding a single video."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,9 +15,7 @@ from merv.pipelines import ablate
 from merv.pipelines.ablate import Sweep, expand, run_sweep
 from merv.train.trainer import TrainConfig
 
-_spec = importlib.util.spec_from_file_location("helpers_train", Path(__file__).with_name("helpers_train.py"))
-helpers_train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers_train)  # type: ignore[union-attr]
+import helpers_train  # noqa: E402 - the tests folder is on sys.path (conftest.py)
 
 
 def _benchmark(root: Path, n: int = 8) -> Path:

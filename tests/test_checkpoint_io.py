@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,16 +25,7 @@ from merv.train.paper import paper_feature_specs
 from merv.train.prompts import get_prompt_builder, tokenize_conversation
 
 
-def _helpers():
-    if "helpers_llm" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("helpers_llm", Path(__file__).with_name("helpers_llm.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["helpers_llm"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["helpers_llm"]
-
-
-H = _helpers()
+import helpers_llm as H  # noqa: E402 - the tests folder is on sys.path (conftest.py)
 
 
 def _batch(model: MervModel, tok, b: int = 2, seed: int = 0):

@@ -9,7 +9,6 @@ WebDataset input, a Ray cluster joined by address) must give the same bytes.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -42,16 +41,7 @@ PER_SHARD = 2
 BIN = Path(sys.executable).parent
 
 
-def _helpers():
-    if "helpers_media" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("helpers_media", Path(__file__).with_name("helpers_media.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["helpers_media"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["helpers_media"]
-
-
-H = _helpers()
+import helpers_media as H  # noqa: E402 - the tests folder is on sys.path (conftest.py)
 
 
 # ------------------------------------------------------------------------------------ fixtures

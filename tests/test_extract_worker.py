@@ -3,9 +3,7 @@ worker layout, and the store repairs a killed driver relies on."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +17,7 @@ from merv.extract.worker import ShardEncoder, WorkerConfig, decode_sample
 from merv.store import EncoderGroupSpec, FeatureStore, SampleRecord
 
 
-def _helpers():
-    if "helpers_media" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("helpers_media", Path(__file__).with_name("helpers_media.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["helpers_media"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["helpers_media"]
-
-
-H = _helpers()
+import helpers_media as H  # noqa: E402 - the tests folder is on sys.path (conftest.py)
 
 
 @pytest.fixture

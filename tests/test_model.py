@@ -3,9 +3,6 @@ generation (greedy, sampling, KV cache vs none, batching), online encoding, LLM 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,16 +13,7 @@ from merv.train.model import MervModel
 from merv.train.prompts import IGNORE_INDEX, get_prompt_builder, tokenize_conversation
 
 
-def _helpers():
-    if "helpers_llm" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("helpers_llm", Path(__file__).with_name("helpers_llm.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["helpers_llm"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["helpers_llm"]
-
-
-H = _helpers()
+import helpers_llm as H  # noqa: E402 - the tests folder is on sys.path (conftest.py)
 TEXT_ONLY = [
     {"from": "human", "value": "Describe the video."},
     {"from": "gpt", "value": "a chef is cooking in a kitchen on a stage."},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from merv.pipelines.recipes import get_recipe
 from merv.store import UnknownEncoderError
@@ -21,9 +19,7 @@ from merv.train.data import MissingFeaturesError
 from merv.train.metrics import read_metrics
 from merv.train.trainer import TrainConfig, TrainConfigError, train
 
-_spec = importlib.util.spec_from_file_location("helpers_train", Path(__file__).with_name("helpers_train.py"))
-helpers_train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers_train)  # type: ignore[union-attr]
+import helpers_train  # noqa: E402 - the tests folder is on sys.path (conftest.py)
 
 MERV = [sys.executable, "-m", "merv.cli"]
 
