@@ -353,7 +353,7 @@ def _steps(loader: Any, accum: int) -> Any:
             if len(group) == accum:
                 yield group
                 group = []
-        if group:  # the epoch's last global batch may have fewer micro-batches on no rank: layouts forbid it
+        if group:  # never with the loader's layouts (every rank gets `accum` micro-batches); kept for safety
             yield group
 
 
