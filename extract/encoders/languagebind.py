@@ -19,7 +19,6 @@ state dict loads as is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -31,7 +30,14 @@ from torch import nn
 
 from .base import EncoderInfo, FrozenEncoder, seeded
 from .preprocess import Preprocessing
-from .weights import WeightsError, assign_state_dict, load_state_dict, resolve_weights
+from .weights import (
+    WeightsError,
+    assign_state_dict,
+    load_state_dict,
+    resolve_weights,
+    wants_random_init,
+    weights_identity,
+)
 
 NAME = "languagebind"
 MODEL_ID = "LanguageBind/LanguageBind_Video_merge"
@@ -284,7 +290,7 @@ def build_languagebind(
     frames: int = 16,
 ) -> LanguageBindEncoder:
     cfg = TINY if size == "tiny" else PAPER
-    random_init = weights == "random" or (size == "tiny" and weights is None)
+    random_init = wants_random_init(weights, size)
     path = None
     if not (meta or random_init):
         path = resolve_weights(
@@ -304,12 +310,7 @@ def build_languagebind(
     else:
         with seeded(seed):
             tower = LanguageBindVisionTower(cfg)
-    if random_init:
-        identity = f"random-init(seed={seed})"
-    elif size == "tiny" and path is not None:
-        identity = "file:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    else:
-        identity = f"pretrained:{MODEL_ID}"
+    identity = weights_identity(MODEL_ID, size, path, random_init, seed)
     encoder = LanguageBindEncoder(_info(size, cfg, identity, frames), tower)
     if path is not None:
         assign_state_dict(tower, vision_state_dict(load_state_dict(path)), str(path))

@@ -8,7 +8,6 @@ independently, so any number of frames works and an image is encoded once.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from torch import nn
 
 from .base import EncoderInfo, FrozenEncoder, seeded
 from .preprocess import Preprocessing
-from .weights import assign_state_dict, load_state_dict, resolve_weights
+from .weights import assign_state_dict, load_state_dict, resolve_weights, wants_random_init, weights_identity
 
 TINY = dict(embed_dim=32, depth=3, num_heads=2)
 
@@ -125,7 +124,7 @@ def build_timm_encoder(
     seed: int = 0,
 ) -> TimmViTEncoder:
     """Build a paper / tiny variant; see `registry.build_encoder` for the argument semantics."""
-    random_init = weights == "random" or (size == "tiny" and weights is None)
+    random_init = wants_random_init(weights, size)
     path = None
     if not (meta or random_init):
         path = resolve_weights(spec.model_id, weights, allow_download=allow_download, aliases=(spec.name,))
@@ -135,7 +134,7 @@ def build_timm_encoder(
     else:
         with seeded(seed):
             model = _create(spec, size)
-    identity = _identity(spec, size, path, random_init, seed)
+    identity = weights_identity(spec.model_id, size, path, random_init, seed)
     info = _info(spec, size, model, identity)
     encoder = TimmViTEncoder(info, model)
     if path is not None:
@@ -156,14 +155,6 @@ def _filter(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch
     if isinstance(model.head, nn.Identity):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     return state
-
-
-def _identity(spec: TimmSpec, size: str, path: Path | None, random_init: bool, seed: int) -> str:
-    if random_init:
-        return f"random-init(seed={seed})"
-    if size == "tiny" and path is not None:
-        return "file:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    return f"pretrained:{spec.model_id}"
 
 
 def _info(spec: TimmSpec, size: str, model: nn.Module, identity: str) -> EncoderInfo:

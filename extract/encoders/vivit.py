@@ -13,7 +13,6 @@ mean / std 0.5, giving [-3, 1]; the reference (and this module) do not do that.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from .base import EncoderInfo, FrozenEncoder, seeded
 from .preprocess import Preprocessing
-from .weights import WEIGHT_FILES, WeightsError, resolve_weights
+from .weights import WEIGHT_FILES, WeightsError, resolve_weights, wants_random_init, weights_identity
 
 NAME = "vivit"
 MODEL_ID = "google/vivit-b-16x2-kinetics400"
@@ -99,7 +98,7 @@ def build_vivit(
 ) -> VivitEncoder:
     cfg_args = TINY if size == "tiny" else PAPER
     config = VivitConfig(**cfg_args)
-    random_init = weights == "random" or (size == "tiny" and weights is None)
+    random_init = wants_random_init(weights, size)
     path = None
     if not (meta or random_init):
         path = resolve_weights(
@@ -113,12 +112,7 @@ def build_vivit(
     else:
         with seeded(seed):
             model = VivitModel(config, add_pooling_layer=False)
-    if random_init:
-        identity = f"random-init(seed={seed})"
-    elif size == "tiny" and path is not None:
-        identity = "file:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    else:
-        identity = f"pretrained:{MODEL_ID}"
+    identity = weights_identity(MODEL_ID, size, path, random_init, seed)
     info = _info(size, config, identity)
     encoder = VivitEncoder(info, model)
     encoder.weights_source = str(path) if path is not None else None

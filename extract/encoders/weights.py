@@ -9,6 +9,7 @@ unpickled and no remote code runs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Sequence
 from functools import partial
@@ -54,6 +55,21 @@ def hub_cache_dir() -> Path:
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def wants_random_init(weights: str | os.PathLike[str] | None, size: str) -> bool:
+    """Random initialisation: asked for explicitly, or a tiny variant given no weights."""
+    return weights == "random" or (size == "tiny" and weights is None)
+
+
+def weights_identity(model_id: str, size: str, path: Path | None, random_init: bool, seed: int) -> str:
+    """The weights part of an encoder's fingerprint: the seed of a random init, the hash of a
+    tiny variant's own file, or the published model id."""
+    if random_init:
+        return f"random-init(seed={seed})"
+    if size == "tiny" and path is not None:
+        return "file:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"pretrained:{model_id}"
 
 
 def resolve_weights(
