@@ -82,7 +82,7 @@ def extract_cmd(
     grid: str = typer.Option("8x8", help="cache pooled to HxW (least I/O) or 'native' (every token-count ablation)"),
     encoding: str = typer.Option("fp16", help="fp16 | bitround | int8"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="join this Ray cluster (else RAY_ADDRESS, else embedded)"),
-    size: str = typer.Option("paper", help="'paper' (published weights) or 'tiny' (random tiny architectures for tests / demos)"),
+    size: str = typer.Option("paper", help="'paper' (published weights), or random-init 'small' (benchmarks) / 'tiny' (tests, demo)"),
     workers: Optional[int] = typer.Option(None, help="encoder actors (default: one per GPU, else 1)"),
     batch_size: int = typer.Option(8, help="clips per encoder forward (across videos)"),
     inflight: int = typer.Option(2, help="shards in flight per encoder actor (bounds memory)"),

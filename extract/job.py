@@ -41,7 +41,7 @@ class ExtractError(RuntimeError):
 @dataclass
 class ExtractOptions:
     encoders: list[str]
-    size: str = "paper"  # "paper" weights, or "tiny" random-initialised architectures
+    size: str = "paper"  # "paper" weights, or "small" / "tiny" random-initialised architectures
     weights: str | None = None
     grid: str | None = "8x8"  # "native" / None keeps each encoder's grid
     encoding: str = "fp16"
@@ -187,14 +187,14 @@ def _short_error(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------------------- store
 def _encoder_infos(names: list[str], size: str, weights: str | None) -> dict[str, Any]:
     """Encoder identities for the group fingerprints. Paper models are built on the meta device
-    (identity does not depend on reading the weights); tiny ones for real, since a tiny weights
+    (identity does not depend on reading the weights); small / tiny ones for real, since their weights
     file is fingerprinted by its hash."""
     from .encoders import ENCODERS, build_encoder
 
     unknown = [n for n in names if n not in ENCODERS]
     if unknown or not names:
         raise ValueError(f"unknown encoder(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(ENCODERS)}")
-    return {n: build_encoder(n, size=size, weights=weights, meta=size != "tiny").info for n in names}
+    return {n: build_encoder(n, size=size, weights=weights, meta=size == "paper").info for n in names}
 
 
 def cluster_address(opts: ExtractOptions) -> str | None:
@@ -207,7 +207,7 @@ def check_weights_here(infos: dict[str, Any], opts: ExtractOptions) -> None:
     reports instead (see `_Run._check_actors`)."""
     from .encoders import resolve_weights
 
-    if opts.size == "tiny" or opts.weights == "random" or opts.allow_download:
+    if opts.size != "paper" or opts.weights == "random" or opts.allow_download:
         return
     for name, info in infos.items():
         resolve_weights(info.model_id, opts.weights, aliases=(name,))

@@ -369,6 +369,24 @@ def test_paper_size_on_meta(name):
     assert enc.info.fingerprint() != build_encoder(name, size="tiny", meta=True).info.fingerprint()
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_small_keeps_paper_inputs_and_grids_at_a_fraction_of_the_size(name):
+    """The benchmark size: the paper's frames, image size and token grid, random weights, far
+    fewer parameters, its own fingerprint; it encodes real clips to the paper's grid."""
+    paper = build_encoder(name, size="paper", meta=True)
+    small = build_encoder(name, size="small")
+    assert (small.info.grid, small.info.frames, small.info.image_size) == (paper.info.grid, paper.info.frames, 224)
+    assert small.info.dim < paper.info.dim
+    assert small.num_parameters() * 20 < paper.num_parameters()
+    assert small.info.weights == "random-init(seed=0)"
+    fingerprints = {build_encoder(name, size=s, meta=s == "paper").info.fingerprint() for s in ("paper", "small", "tiny")}
+    assert len(fingerprints) == 3
+    out = small.encode(_clip(1, small.info.frames, hw=(60, 80)))
+    assert tuple(out.shape) == (1, *paper.info.grid, small.info.dim) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="size must be one of"):
+        build_encoder(name, size="huge")
+
+
 def test_paper_identities_and_layers():
     info = {n: build_encoder(n, meta=True).info for n in NAMES}
     assert info["dinov2"].model_id == "timm/vit_large_patch14_reg4_dinov2.lvd142m"

@@ -28,7 +28,7 @@ class EncoderInfo:
     `reference` text) feeds the fingerprint."""
 
     name: str  # registry name: dinov2 | siglip | vivit | languagebind
-    size: str  # "paper" or "tiny"
+    size: str  # "paper", "small" or "tiny"
     model_id: str  # published weights this architecture belongs to (hub id incl. tag)
     weights: str  # identity of the numbers: "pretrained:<model_id>", "random-init(seed=N)", "file:<sha256>"
     architecture: str  # implementation, e.g. "timm:vit_large_patch14_reg4_dinov2"

@@ -67,6 +67,9 @@ PAPER = LanguageBindVisionConfig()
 TINY = LanguageBindVisionConfig(
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56
 )
+# benchmark scale: the paper's input and 16x16 grid, depth x width 24 x 1024 -> 6 x 128
+SMALL = LanguageBindVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=2)
+CONFIGS = {"paper": PAPER, "tiny": TINY, "small": SMALL}
 
 
 def _activation(name: str):
@@ -289,7 +292,9 @@ def build_languagebind(
     seed: int = 0,
     frames: int = 16,
 ) -> LanguageBindEncoder:
-    cfg = TINY if size == "tiny" else PAPER
+    if size not in CONFIGS:
+        raise ValueError(f"languagebind: no {size!r} variant; sizes: {', '.join(CONFIGS)}")
+    cfg = CONFIGS[size]
     random_init = wants_random_init(weights, size)
     path = None
     if not (meta or random_init):

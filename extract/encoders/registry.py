@@ -16,7 +16,7 @@ from .timm_vit import DINOV2, SIGLIP, build_timm_encoder
 from .vivit import MODEL_ID as VIVIT_ID
 from .vivit import build_vivit
 
-SIZES = ("paper", "tiny")
+SIZES = ("paper", "small", "tiny")
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,9 @@ def build_encoder(
 ) -> FrozenEncoder:
     """Build a frozen encoder by registry name.
 
-    size: "paper" (the published architecture) or "tiny" (same classes, small widths, for tests).
-    weights: None -> paper: the HF cache (offline), tiny: random init with `seed`;
+    size: "paper" (the published architecture), "small" (same classes, inputs and token grids as the
+        paper, widths / depths cut ~8x / 4x: CPU benchmarks) or "tiny" (4x4 grids, widths 32: tests).
+    weights: None -> paper: the HF cache (offline), small / tiny: random init with `seed`;
         a file or directory -> load it; "random" -> random init with `seed` at any size.
     allow_download: let a paper build fetch missing weights from the hub (never when
         HF_HUB_OFFLINE is set). Without it a missing checkpoint raises `WeightsNotFoundError`.

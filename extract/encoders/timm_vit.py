@@ -21,7 +21,7 @@ from .base import EncoderInfo, FrozenEncoder, seeded
 from .preprocess import Preprocessing
 from .weights import assign_state_dict, load_state_dict, resolve_weights, wants_random_init, weights_identity
 
-TINY = dict(embed_dim=32, depth=3, num_heads=2)
+ARCH_KEYS = ("embed_dim", "depth", "num_heads", "img_size")  # the rest of a variant is recorded as `extra`
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,9 @@ class TimmSpec:
     arch: str  # timm architecture (no tag)
     tag: str  # pretrained tag: pins the exact weights (timm's default tag can change)
     image_size: int
-    tiny_image_size: int  # keeps the patch size, so the tiny grid is image_size / patch
-    tiny_extra: dict[str, Any] = field(default_factory=dict)
+    # Random-init variants by size: timm kwargs (widths, depth, img_size). They keep the patch
+    # size, so a variant's grid is img_size / patch.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     frames: int = 16
     notes: str = ""
 
@@ -39,16 +40,33 @@ class TimmSpec:
     def model_id(self) -> str:
         return f"timm/{self.arch}.{self.tag}"
 
+    def variant(self, size: str) -> dict[str, Any]:
+        """timm kwargs of `size` ({} for the paper architecture)."""
+        if size == "paper":
+            return {}
+        if size not in self.variants:
+            raise ValueError(f"{self.name}: no {size!r} variant; sizes: paper, {', '.join(self.variants)}")
+        return self.variants[size]
+
+    def image_size_of(self, size: str) -> int:
+        return int(self.variant(size).get("img_size", self.image_size))
+
+    def extra_of(self, size: str) -> dict[str, Any]:
+        return {k: v for k, v in self.variant(size).items() if k not in ARCH_KEYS}
+
 
 DINOV2 = TimmSpec(
     name="dinov2",
     arch="vit_large_patch14_reg4_dinov2",
     tag="lvd142m",
     image_size=224,
-    tiny_image_size=56,
-    # DINOv2's LayerScale starts at 1e-5, which would make a random tiny model an identity map
-    # and hide which block is taken; the tiny variant starts it at 1.0 (same modules).
-    tiny_extra=dict(init_values=1.0),
+    # DINOv2's LayerScale starts at 1e-5, which would make a random small model an identity map
+    # and hide which block is taken; the variants start it at 1.0 (same modules).
+    variants={
+        "tiny": dict(embed_dim=32, depth=3, num_heads=2, img_size=56, init_values=1.0),
+        # benchmark scale: the paper's input and 16x16 grid, depth x width 24 x 1024 -> 6 x 128
+        "small": dict(embed_dim=128, depth=6, num_heads=2, img_size=224, init_values=1.0),
+    },
     notes="pos_embed of the 518px checkpoint is resampled to 16x16 by timm's checkpoint filter (bicubic, antialias).",
 )
 SIGLIP = TimmSpec(
@@ -56,7 +74,10 @@ SIGLIP = TimmSpec(
     arch="vit_base_patch16_siglip_224",
     tag="webli",
     image_size=224,
-    tiny_image_size=64,
+    variants={
+        "tiny": dict(embed_dim=32, depth=3, num_heads=2, img_size=64),
+        "small": dict(embed_dim=96, depth=3, num_heads=2, img_size=224),  # 14x14 grid; 12 x 768 -> 3 x 96
+    },
     notes=(
         "Pinned to the .webli (SigLIP 1) weights the paper used; timm >= 1.0.15 resolves the untagged "
         "name to .v2_webli (SigLIP 2)."
@@ -106,11 +127,8 @@ def _preprocessing(spec: TimmSpec, image_size: int) -> Preprocessing:
 
 
 def _create(spec: TimmSpec, size: str) -> nn.Module:
-    kwargs: dict[str, Any] = dict(pretrained=False, num_classes=0)
-    if size == "tiny":
-        kwargs.update(TINY, img_size=spec.tiny_image_size, **spec.tiny_extra)
-    else:
-        kwargs.update(img_size=spec.image_size)
+    kwargs: dict[str, Any] = dict(pretrained=False, num_classes=0, img_size=spec.image_size)
+    kwargs.update(spec.variant(size))
     return timm.create_model(spec.arch, **kwargs)
 
 
@@ -158,7 +176,7 @@ def _filter(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch
 
 
 def _info(spec: TimmSpec, size: str, model: nn.Module, identity: str) -> EncoderInfo:
-    image_size = spec.tiny_image_size if size == "tiny" else spec.image_size
+    image_size = spec.image_size_of(size)
     h, w = model.patch_embed.grid_size
     n_reg = int(getattr(model, "num_reg_tokens", 0))
     dropped = (("cls",) if model.has_class_token else ()) + ((f"reg x{n_reg}",) if n_reg else ())
@@ -172,7 +190,7 @@ def _info(spec: TimmSpec, size: str, model: nn.Module, identity: str) -> Encoder
         num_prefix_tokens=model.num_prefix_tokens,
         num_reg_tokens=n_reg,
         global_pool=model.global_pool,
-        extra=dict(spec.tiny_extra) if size == "tiny" else {},
+        extra=spec.extra_of(size),
     )
     return EncoderInfo(
         name=spec.name,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import VivitConfig, VivitModel
@@ -42,6 +43,15 @@ PAPER = dict(
     attention_probs_dropout_prob=0.0,
 )
 TINY = dict(PAPER, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=64)
+# benchmark scale: the paper's input and 16 x 14 x 14 tubelets, depth x width 12 x 768 -> 3 x 96
+SMALL = dict(PAPER, hidden_size=96, num_hidden_layers=3, num_attention_heads=2, intermediate_size=384)
+CONFIGS = {"paper": PAPER, "tiny": TINY, "small": SMALL}
+
+
+def _config_args(size: str) -> dict[str, Any]:
+    if size not in CONFIGS:
+        raise ValueError(f"vivit: no {size!r} variant; sizes: {', '.join(CONFIGS)}")
+    return CONFIGS[size]
 
 
 class VivitEncoder(FrozenEncoder):
@@ -96,8 +106,7 @@ def build_vivit(
     meta: bool = False,
     seed: int = 0,
 ) -> VivitEncoder:
-    cfg_args = TINY if size == "tiny" else PAPER
-    config = VivitConfig(**cfg_args)
+    config = VivitConfig(**_config_args(size))
     random_init = wants_random_init(weights, size)
     path = None
     if not (meta or random_init):
@@ -160,7 +169,7 @@ def _from_pretrained(path: Path, config: VivitConfig) -> VivitModel:
 def _info(size: str, config: VivitConfig, identity: str) -> EncoderInfo:
     tt, th, tw = config.tubelet_size
     grid = (config.num_frames // tt, config.image_size // th, config.image_size // tw)
-    arch = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in (TINY if size == "tiny" else PAPER).items()}
+    arch = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in _config_args(size).items()}
     return EncoderInfo(
         name="vivit",
         size=size,

@@ -58,16 +58,16 @@ def hub_offline() -> bool:
 
 
 def wants_random_init(weights: str | os.PathLike[str] | None, size: str) -> bool:
-    """Random initialisation: asked for explicitly, or a tiny variant given no weights."""
-    return weights == "random" or (size == "tiny" and weights is None)
+    """Random initialisation: asked for explicitly, or a tiny / small variant given no weights."""
+    return weights == "random" or (size != "paper" and weights is None)
 
 
 def weights_identity(model_id: str, size: str, path: Path | None, random_init: bool, seed: int) -> str:
     """The weights part of an encoder's fingerprint: the seed of a random init, the hash of a
-    tiny variant's own file, or the published model id."""
+    tiny / small variant's own file, or the published model id."""
     if random_init:
         return f"random-init(seed={seed})"
-    if size == "tiny" and path is not None:
+    if size != "paper" and path is not None:
         return "file:" + hashlib.sha256(path.read_bytes()).hexdigest()
     return f"pretrained:{model_id}"
 
