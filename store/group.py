@@ -7,6 +7,7 @@ import datetime as _dt
 import os
 import socket
 import warnings
+from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
@@ -99,7 +100,7 @@ class EncoderGroup:
         return self._arrays[kind]
 
     def scales(self, kind: str) -> zarr.Array:
-        return self.group[f"{kind}_scales"]  # type: ignore[return-value]
+        return self.array(f"{kind}_scales")
 
     def resize(self, rows: dict[str, int]) -> None:
         for kind in KINDS:
@@ -227,22 +228,34 @@ class EncoderGroup:
         Arbitrary rows are read as contiguous runs, concurrently: zarr's orthogonal indexing
         decodes whole shards, a slice decodes only the inner chunks it touches.
         """
-        if isinstance(rows, slice):
-            raw = self.array(kind)[rows]
-            scales = self.scales(kind)[rows] if self.spec.encoding == "int8" else None
-        else:
-            idx = np.asarray(rows, dtype=np.int64)
-            raw = _read_runs(self.array(kind), idx)
-            scales = _read_runs(self.scales(kind), idx) if self.spec.encoding == "int8" else None
-        if scales is not None:
-            return dequantize_int8(np.asarray(raw), np.asarray(scales))
-        return np.asarray(raw)
+        return self.decode(*sync(self.fetch_rows(kind, rows)))
+
+    def fetch_rows(self, kind: str, rows: np.ndarray | slice) -> Coroutine[Any, Any, tuple[np.ndarray, np.ndarray | None]]:
+        """Awaitable (stored values, int8 scales or None) of `rows`, both fetched concurrently.
+
+        A coroutine so a reader can fetch every group of a batch in one gather: zarr then decodes
+        all their chunks in its thread pool at once instead of one group after another. The
+        arrays are opened here, outside the event loop (opening is itself a sync zarr call)."""
+        arrays = [self.array(kind)] + ([self.scales(kind)] if self.spec.encoding == "int8" else [])
+        idx = None if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+
+        async def fetch() -> tuple[np.ndarray, np.ndarray | None]:
+            reads = [arr._async_array.getitem(rows) if idx is None else _read_runs(arr, idx) for arr in arrays]
+            got = [np.asarray(x) for x in await asyncio.gather(*reads)]
+            return got[0], (got[1] if len(got) > 1 else None)
+
+        return fetch()
+
+    @staticmethod
+    def decode(raw: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+        """Stored values -> float16 features (int8: undo the per-token scales)."""
+        return raw if scales is None else dequantize_int8(raw, scales)
 
     def info(self) -> dict[str, Any]:
         return {"key": self.key, **self.spec.to_json()}
 
 
-def _read_runs(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:
+async def _read_runs(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:
     """arr[rows] for any row order, one concurrent slice read per run of consecutive rows."""
     out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
     if len(rows) == 0:
@@ -254,10 +267,7 @@ def _read_runs(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:
     stops = np.concatenate([breaks, [len(rows)]])
     runs = [(int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1) for a, b in zip(starts, stops)]
 
-    async def fetch() -> list[Any]:
-        return await asyncio.gather(*(arr._async_array.getitem(slice(a, b)) for a, b in runs))
-
-    pieces = sync(fetch())
+    pieces = await asyncio.gather(*(arr._async_array.getitem(slice(a, b)) for a, b in runs))
     if len(pieces) == 1 and len(rows) == int(sorted_rows[-1] - sorted_rows[0]) + 1 and (order == np.arange(len(rows))).all():
         return np.asarray(pieces[0])  # one ascending run: zarr's array is the answer, no copy
     pos = 0

@@ -6,11 +6,13 @@ it and it is not recorded as failed there; everything else is invisible as data.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from zarr.core.sync import sync
 
 from .errors import SampleNotFoundError, SampleUnavailableError
 from .grid import pool_grid
@@ -145,15 +147,25 @@ class FeatureReader:
             if state != "ok":
                 raise SampleUnavailableError(self.table.ids[i], str(enc), state, reason)
         kinds = [self.table.kind_of(i) for i in indices]
+        positions = {kind: [p for p, k in enumerate(kinds) if k == kind] for kind in KINDS}
+        requests = [(name, kind) for name in self.groups for kind in KINDS if positions[kind]]
+
+        reads = [self.groups[name].fetch_rows(kind, self.table.rows[[indices[p] for p in positions[kind]]])
+                 for name, kind in requests]  # built here: opening arrays is sync, the gather is not
+
+        async def fetch_all() -> list[Any]:  # every group and kind in one gather (see fetch_rows)
+            return await asyncio.gather(*reads)
+
+        fetched = dict(zip(requests, sync(fetch_all())))
         out: dict[str, Any] = {}
         for name, group in self.groups.items():
             t = group.spec.grid[0]
             result: np.ndarray | None = None
             for kind in KINDS:
-                pos = [p for p, k in enumerate(kinds) if k == kind]
+                pos = positions[kind]
                 if not pos:
                     continue
-                data = group.read_rows(kind, self.table.rows[[indices[p] for p in pos]])
+                data = group.decode(*fetched[(name, kind)])
                 if len(pos) == len(indices) and data.shape[1] == t:
                     result = data  # one kind, nothing to broadcast: use the read as is
                     break

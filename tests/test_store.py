@@ -121,6 +121,21 @@ def test_lossy_encodings_stay_within_documented_bound_and_compress(encoding):
     assert info["a"]["encoding"].startswith(encoding)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 16, 8, 8, 1024), (1000, 9), (0, 4)])
+def test_int8_dequantization_is_the_exact_formula_across_blocks(shape):
+    """The blocked dequantizer must give float16(float32(q) * scale) bit for bit, whatever the
+    number of tokens against its block size (one partial block, many blocks, none)."""
+    from merv.store.encodings import dequantize_int8, quantize_int8
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shape) * rng.uniform(0.01, 50, size=(*shape[:-1], 1))).astype(np.float32)
+    q, s = quantize_int8(x)
+    got = dequantize_int8(q, s)
+    want = (q.astype(np.float32) * s[..., None].astype(np.float32)).astype(np.float16)
+    assert got.shape == want.shape and got.dtype == np.float16
+    assert np.array_equal(got.view(np.int16), want.view(np.int16))
+
+
 def test_images_store_one_frame_for_framewise_encoders_only(store):
     framewise = store.ensure_group(spec("siglip", framewise=True))
     temporal = store.ensure_group(spec("vivit", framewise=False))
