@@ -7,6 +7,7 @@ Values are the paper's / reference configs' (DESIGN.md table; princetonvisualai/
   merv-videollava-recipe  Stage 1 aligns the connector only (lr 1e-3, batch 256), then Stage 2
   <encoder>-single        single-encoder baselines (frozen recipe, one encoder)
   tiny                    CPU smoke / demo scale (tiny encoders, tiny in-process LLM)
+  small                   CPU benchmark scale with the paper's proportions (see benchmarks/train_bench.py)
 Ablations derive from a recipe: `RECIPES["merv-frozen"].with_connector(projector="avg3d")`.
 """
 
@@ -48,9 +49,9 @@ class ModelRecipe:
     encoders: tuple[str, ...]  # encoder names, in fusion / checkpoint order
     frames: dict[str, int]  # input frames per encoder
     connector: ConnectorConfig
-    llm: str  # merv.train.llm registry id, local dir, or tiny-llama / tiny-qwen2
+    llm: str  # merv.train.llm registry id, local dir, or an in-process LLM (tiny-llama, small-llama, ...)
     stages: tuple[StageRecipe, ...]
-    size: str = "paper"  # encoder size for extraction: "paper" | "tiny"
+    size: str = "paper"  # encoder size for extraction: "paper" | "small" | "tiny"
     llm_max_length: int = 2048
     prompt_format: str | None = None  # None: the LLM's default
     published: str | None = None  # HF id of the released checkpoint (tyleryzhu/merv/<id>)
@@ -144,6 +145,22 @@ RECIPES: dict[str, ModelRecipe] = {
         size="tiny",
         llm_max_length=512,
         description="CPU smoke / demo scale: tiny random encoders and an in-process tiny LLaMA",
+    ),
+    "small": ModelRecipe(
+        name="small",
+        encoders=PAPER_ENCODER_ORDER,
+        frames=dict(_PAPER_FRAMES),
+        # the paper's connector: 64 tokens per frame, fusion query 3/4 of the LLM width (3072 / 4096)
+        connector=ConnectorConfig(tokens_per_frame=64, fusion_embed_dim=384),
+        llm="small-llama",
+        stages=(StageRecipe("finetune", "instruct", 1e-4, 4, 2, weight_decay=0.1),),
+        size="small",
+        llm_max_length=2048,
+        description=(
+            "CPU benchmark scale with the paper's proportions: 4 small random encoders (the paper's inputs and "
+            "16x16 / 14x14 grids pooled to 8x8, 4.1M parameters) and a 25M-parameter in-process LLaMA; "
+            "1024 visual tokens per sample"
+        ),
     ),
 }
 

@@ -1,11 +1,21 @@
-"""`merv train --online` (decode + encode in the loop, as the reference trains) and cached training
-see the same features: the same first-step loss on a store extracted with the tiny encoders."""
+"""Online encoding sees what the cache holds: `merv train --online` (decode + encode in the loop,
+as the reference trains) gives cached training's first-step loss, and the generation encoders
+(`merv generate`) give the stored features bit for bit, for videos and images."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from merv.extract.job import ExtractOptions, run_extraction
+from merv.extract.sources import local_file
+from merv.store import FeatureReader
+from merv.train.online import OnlineEncoders
+from merv.train.specs import FeatureSpec
 from merv.pipelines.synthetic import generate_synthetic
 from merv.train.trainer import TrainConfig, train
 
@@ -14,11 +24,15 @@ from merv.train.trainer import TrainConfig, train
 def extracted(tmp_path_factory):
     root = tmp_path_factory.mktemp("online")
     data = generate_synthetic(root / "data", n_videos=8, seed=3, size=64, frames=16)
+    image = root / "data" / "still.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(image)
+    with data.manifest.open("a") as fh:
+        fh.write(json.dumps({"id": "still", "path": str(image), "kind": "image"}) + "\n")
     store = str(root / "features.zarr")
     summary = run_extraction(str(data.manifest), store, ExtractOptions(
         encoders=["dinov2", "siglip", "vivit", "languagebind"], size="tiny", grid="native", samples_per_shard=4),
         show_progress=False)
-    assert summary.extracted == 8 and not summary.failed
+    assert summary.extracted == 9 and not summary.failed
     return root, str(data.train_json), store
 
 
@@ -31,3 +45,21 @@ def test_online_and_cached_training_give_the_same_first_step_loss(extracted):
     print("first-step loss cached / online:", cached["losses"][0], online["losses"][0])
     assert cached["losses"][0] == pytest.approx(online["losses"][0], abs=1e-6)
     assert cached["losses"][0] > 1.0  # an untrained model: the comparison is not between two zeros
+
+
+def test_generation_encoders_give_the_cached_features_bit_for_bit(extracted):
+    """`merv generate` decodes and encodes a raw file itself; an image must take extraction's
+    path too (frame-wise encoders see its one frame) and every value the store's float16."""
+    _, _, store = extracted
+    reader = FeatureReader(store)
+    specs = [FeatureSpec.from_group_spec(g.spec) for g in reader.groups.values()]
+    online = OnlineEncoders(specs, size="tiny")
+    video_id = next(i for i in reader.table.ids if i != "still")
+    for sample_id in (video_id, "still"):
+        record = reader.table.record(reader.table.index[sample_id])
+        with local_file(record.source) as path:
+            got = online.encode_path(path)
+        want = reader.get(sample_id)
+        for name, x in got.items():
+            assert torch.equal(x[0], torch.from_numpy(want[name]).float()), (sample_id, name)
+    assert reader.table.kind_of(reader.table.index["still"]) == "image"

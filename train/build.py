@@ -12,7 +12,14 @@ from .llm import default_prompt_format, load_llm
 from .model import MervModel
 from .specs import FeatureSpec
 
-TINY_LLMS = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}
+# LLMs built in-process from a seed with the project's own tokenizer (no files): name -> (flavor, shape).
+IN_PROCESS_LLMS: dict[str, tuple[str, dict[str, int]]] = {
+    "tiny-llama": ("llama", {}),
+    "tiny-qwen2": ("qwen2", {}),
+    # CPU benchmark scale: 25.3M parameters in the decoder layers, ~6x the `small` encoders (paper:
+    # LLaMA-2 7B vs 0.89B of encoders, 7.6x); LLaMA-2's 128-wide heads and ~2.7x MLP.
+    "small-llama": ("llama", dict(hidden_size=512, layers=8, heads=4, kv_heads=4, intermediate_size=1376)),
+}
 
 
 def build_merv(
@@ -28,14 +35,15 @@ def build_merv(
     model_max_length: int = 2048,
     tiny_llm_kwargs: dict[str, Any] | None = None,
 ) -> MervModel:
-    """Connector (seeded) + LLM. `llm_source`: a registry id, a local HF directory, or `tiny-llama` /
-    `tiny-qwen2` (built in-process with the project's own tokenizer, no files needed)."""
-    if llm_source in TINY_LLMS:
+    """Connector (seeded) + LLM. `llm_source`: a registry id, a local HF directory, or one of
+    `IN_PROCESS_LLMS` (built in-process with the project's own tokenizer, no files needed)."""
+    if llm_source in IN_PROCESS_LLMS:
         from .tiny import build_tiny_llm, build_tiny_tokenizer
 
-        flavor = TINY_LLMS[llm_source]
+        flavor, shape = IN_PROCESS_LLMS[llm_source]
         tokenizer = build_tiny_tokenizer(flavor, model_max_length=model_max_length)
-        llm = build_tiny_llm(tokenizer, flavor, seed=seed, dtype=dtype or torch.float32, **(tiny_llm_kwargs or {}))
+        llm = build_tiny_llm(tokenizer, flavor, seed=seed, dtype=dtype or torch.float32,
+                             **{**shape, **(tiny_llm_kwargs or {})})
     else:
         llm, tokenizer = load_llm(
             llm_source, dtype=dtype or torch.bfloat16, attn_implementation=attn_implementation, model_max_length=model_max_length

@@ -41,8 +41,37 @@ def match_grid(x: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).reshape(b, *spec.grid, d)
 
 
+def encode_clip(
+    frames_for: Callable[[int], Any],
+    encoders: dict[str, Any],
+    specs: list[FeatureSpec],
+    *,
+    is_image: bool = False,
+    frames: Callable[[str, Any], int] | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """One decoded clip -> {name: (1, t, h, w, d)} exactly as extraction caches it.
+
+    The single place that applies extraction's rules online: each encoder gets its own frame
+    count from `frames_for(n)`; frame-wise encoders see an image's single frame, broadcast to t
+    frames as the reader does; outputs are pooled to the spec's grid and rounded to float16 like
+    the store. Generation (`OnlineEncoders`) and `merv train --online` (`OnlineFeatureFn`) both
+    call it, so the model sees the numbers it would read from the cache.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        enc = encoders[spec.name]
+        n = 1 if (is_image and _info(enc, "framewise", False)) else (frames(spec.name, enc) if frames else int(_info(enc, "frames")))
+        clip = torch.as_tensor(np.ascontiguousarray(np.asarray(frames_for(n))))[None]
+        x = torch.as_tensor(enc.encode(clip)).float()
+        if x.shape[1] != spec.grid[0] and x.shape[1] == 1:  # an image's single frame, broadcast as the store does
+            x = x.expand(-1, spec.grid[0], -1, -1, -1)
+        out[spec.name] = match_grid(x, spec).to(torch.float16).float().to(device or "cpu")
+    return out
+
+
 class OnlineEncoders:
-    """Frozen encoders for the model's feature specs, built on first use."""
+    """Frozen encoders for the model's feature specs, built on first use (generation on raw videos)."""
 
     def __init__(
         self,
@@ -91,20 +120,15 @@ class OnlineEncoders:
         return subsample(frames, n)
 
     @torch.no_grad()  # not inference_mode: the features may feed a training step (online baseline)
-    def encode_frames(self, frames: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-        """uint8 frames (T, H, W, 3) -> {name: (1, t, h, w, d)} on `device`."""
-        out: dict[str, torch.Tensor] = {}
-        for spec in self.specs:
-            enc = self.encoder(spec.name)
-            clip = torch.as_tensor(np.asarray(self._subsample(frames, self.frames_for(spec.name))))
-            feats = enc.encode(clip[None])
-            out[spec.name] = match_grid(torch.as_tensor(feats).float(), spec).to(device or "cpu")
-        return out
+    def encode_frames(self, frames: np.ndarray | torch.Tensor, device: str | torch.device | None = None,
+                      is_image: bool = False) -> dict[str, torch.Tensor]:
+        """uint8 frames (T, H, W, 3) -> {name: (1, t, h, w, d)} on `device` (see `encode_clip`)."""
+        return encode_clip(lambda n: self._subsample(frames, n), {s.name: self.encoder(s.name) for s in self.specs},
+                           self.specs, is_image=is_image, frames=lambda name, _: self.frames_for(name), device=device)
 
     def encode_image(self, image: np.ndarray, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-        """An image is a video of repeated frames (paper 3.2)."""
-        n = max(self.frames_for(s.name) for s in self.specs)
-        return self.encode_frames(np.repeat(np.asarray(image)[None], n, axis=0), device)
+        """An image is a video of repeated frames (paper 3.2); frame-wise encoders see it once."""
+        return self.encode_frames(np.asarray(image)[None], device, is_image=True)
 
     def encode_path(self, path: str, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """Decode `path` once, as extraction does (`merv.extract.plan.decode_frames`), then
@@ -122,7 +146,7 @@ class OnlineEncoders:
 
             clip = load_clip(path, n)
         frames = getattr(clip, "frames", clip)
-        return self.encode_frames(frames, device)
+        return self.encode_frames(frames, device, is_image=bool(getattr(clip, "is_image", False)))
 
 
 class OnlineFeatureFn:
@@ -131,9 +155,8 @@ class OnlineFeatureFn:
 
     Sources and clip windows come from the store's sample table, and the encoders must carry the
     same fingerprints as the store's groups, so online and cached training see the same numbers
-    (up to float16 rounding, which is applied here too). Frames are handled as at extraction:
-    decode once at the largest frame count, frame-wise encoders see an image's single frame.
-    Built lazily per process (DataLoader workers included).
+    (`encode_clip` applies extraction's frame rules, pooling and float16 rounding). Every sample
+    is decoded at the store's frame count. Built lazily per process (DataLoader workers included).
     """
 
     def __init__(self, size: str = "paper", device: str = "cpu") -> None:
@@ -177,15 +200,10 @@ class OnlineFeatureFn:
             record = reader.table.record(int(data.sample_of[ex[pos]]))
             with local_file(record.source) as path:
                 clip = load_clip(path, max_frames, start=record.start, end=record.end, end_frame=record.end_frame)
-            for name, enc in encoders.items():
-                n = 1 if (clip.is_image and enc.info.framewise) else enc.info.frames
-                frames = torch.from_numpy(np.ascontiguousarray(clip.frames_for(n)))[None]
-                out = enc.encode(frames).float()
-                shape = data.feature_shapes[name]
-                if out.shape[1] != shape[0]:  # an image's single frame, broadcast as the store does
-                    out = out.expand(-1, shape[0], -1, -1, -1)
-                spec = FeatureSpec(name, tuple(shape[:3]), int(shape[3]))
-                feats[name][int(pos)] = match_grid(out, spec)[0].to(torch.float16).to(dtype)
+            specs = [FeatureSpec(name, tuple(shape[:3]), int(shape[3])) for name, shape in data.feature_shapes.items()]
+            one = encode_clip(clip.frames_for, encoders, specs, is_image=clip.is_image)
+            for name, x in one.items():
+                feats[name][int(pos)] = x[0].to(dtype)
         return feats, has_visual
 
 

@@ -217,8 +217,11 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return out
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) one training stage; returns a summary. Every rank calls it."""
+def train(config: TrainConfig, feature_fn: Any = None) -> dict[str, Any]:
+    """Run (or resume) one training stage; returns a summary. Every rank calls it.
+
+    `feature_fn` replaces the store reads (`InstructionData.feature_fn`): benchmarks feed features
+    held in memory through it; `config.online` installs the decode + encode one."""
     env = init_distributed(config.device)
     torch.manual_seed(config.seed)
     res = resolve(config, env.world_size)
@@ -233,7 +236,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.online:
         from .online import OnlineFeatureFn
 
-        data.feature_fn = OnlineFeatureFn(size=res.recipe.size, device="cpu")
+        # in the training process the encoders share its device (as in the reference); workers: CPU
+        device = str(env.device) if config.num_workers == 0 else "cpu"
+        data.feature_fn = OnlineFeatureFn(size=res.recipe.size, device=device)
+    if feature_fn is not None:
+        if config.online:
+            raise TrainConfigError("--online and a custom feature_fn both replace the store reads; choose one")
+        data.feature_fn = feature_fn
     from .loader import StreamingLoader
 
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
