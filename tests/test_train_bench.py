@@ -1,0 +1,51 @@
+"""The train-step benchmark: online, cached and floor runs are the same training, fed differently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merv.benchmarks import train_bench
+from merv.pipelines.recipes import get_recipe
+
+
+def test_three_modes_train_identically_and_report_ratios(tmp_path, capsys):
+    """Same batches, same model: online decode + encode, the store and features held in memory
+    must give the same loss at every step, so the timings compare feeding paths only."""
+    report = train_bench.main(["--recipe", "tiny", "--videos", "4", "--frames", "36", "--hw", "48x64", "--batch", "2",
+                               "--micro-batch", "1", "--steps", "1", "--warmup", "1", "--repeats", "1", "--out", str(tmp_path)])
+    assert report["losses_identical_across_modes"] is True
+    results = report["results"]
+    assert set(results) == {"floor", "cached", "online"}
+    for mode in results.values():
+        assert mode["steps_timed"] == 1 and len(mode["losses"]) == 2 and mode["step_s_mean"] > 0
+        assert 0.0 <= mode["data_wait_frac"] <= 1.0
+    assert results["online"]["data_wait_frac"] > results["floor"]["data_wait_frac"]  # decoding is data wait
+    assert set(report["ratios"]) == {"online_over_cached", "cached_over_floor"}
+    cfg = report["configuration"]
+    assert cfg["visual_tokens_per_sample"] == 16 * 4  # tiny: 16 frames x 2x2 tokens (the fusion mixes encoders)
+    assert 0 < cfg["flops_per_sample"]["encoder_share"] < 1
+    assert report["extraction"]["videos"] == 4
+    assert '"benchmark": "train_step"' in capsys.readouterr().out  # JSON on stdout
+
+
+def test_rejects_too_few_videos_for_the_timed_steps(tmp_path):
+    with pytest.raises(SystemExit):
+        train_bench.main(["--videos", "4", "--steps", "5", "--batch", "4", "--out", str(tmp_path)])
+
+
+def test_small_recipe_keeps_the_paper_proportions():
+    """What the benchmark claims of its default configuration: 4 encoders at the paper's grids,
+    64 tokens per frame x 16 frames, and an LLM several times the encoders' parameters."""
+    from merv.extract.encoders import build_encoder
+    from merv.train.specs import FeatureSpec
+
+    recipe = get_recipe("small")
+    encoders = {n: build_encoder(n, size=recipe.size) for n in recipe.encoders}
+    specs = [FeatureSpec(n, e.info.grid, e.info.dim) for n, e in encoders.items()]
+    model = recipe.build(specs, dtype=torch.float32)
+    assert model.connector.num_tokens == 16 * 64
+    decoder = sum(p.numel() for n, p in model.llm.named_parameters() if ".layers." in n)
+    encoder = sum(e.num_parameters() for e in encoders.values())
+    assert decoder >= 4 * encoder
+    assert [s.grid for s in specs] == [(16, 16, 16), (16, 16, 16), (16, 14, 14), (16, 14, 14)]
