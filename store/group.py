@@ -16,6 +16,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import BitRound
 from zarr.core.sync import sync
 
+from . import direct
 from .encodings import dequantize_int8, quantize_int8
 from .kv import GroupKV
 from .schema import KINDS, CommitRecord, EncoderGroupSpec
@@ -225,8 +226,8 @@ class EncoderGroup:
     def read_rows(self, kind: str, rows: np.ndarray | slice) -> np.ndarray:
         """Decoded float16 features of the given rows (no commit check: callers do that).
 
-        Arbitrary rows are read as contiguous runs, concurrently: zarr's orthogonal indexing
-        decodes whole shards, a slice decodes only the inner chunks it touches.
+        Arbitrary rows go through `merv.store.direct` (one index read per shard, chunks fetched
+        and decoded concurrently); slices, and layouts it does not know, through zarr.
         """
         return self.decode(*sync(self.fetch_rows(kind, rows)))
 
@@ -240,7 +241,8 @@ class EncoderGroup:
         idx = None if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
 
         async def fetch() -> tuple[np.ndarray, np.ndarray | None]:
-            reads = [arr._async_array.getitem(rows) if idx is None else _read_runs(arr, idx) for arr in arrays]
+            reads = [arr._async_array.getitem(rows) if idx is None else
+                     (direct.read_rows(arr, idx) if direct.supports(arr) else _read_runs(arr, idx)) for arr in arrays]
             got = [np.asarray(x) for x in await asyncio.gather(*reads)]
             return got[0], (got[1] if len(got) > 1 else None)
 
