@@ -13,13 +13,15 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from .preprocess import Preprocessing
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,14 @@ def library_versions() -> dict[str, str]:
     import transformers
 
     return {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__}
+
+
+def size_variant(name: str, variants: Mapping[str, T], size: str) -> T:
+    """The configuration of `size` for encoder `name`, or an error listing the sizes it has
+    (each family's builder can be called without the registry's own check)."""
+    if size not in variants:
+        raise ValueError(f"{name}: no {size!r} variant; sizes: {', '.join(variants)}")
+    return variants[size]
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import EncoderInfo, FrozenEncoder, seeded
+from .base import EncoderInfo, FrozenEncoder, seeded, size_variant
 from .preprocess import Preprocessing
 from .weights import (
     WeightsError,
@@ -292,9 +292,7 @@ def build_languagebind(
     seed: int = 0,
     frames: int = 16,
 ) -> LanguageBindEncoder:
-    if size not in CONFIGS:
-        raise ValueError(f"languagebind: no {size!r} variant; sizes: {', '.join(CONFIGS)}")
-    cfg = CONFIGS[size]
+    cfg = size_variant(NAME, CONFIGS, size)
     random_init = wants_random_init(weights, size)
     path = None
     if not (meta or random_init):

@@ -17,7 +17,7 @@ import torch
 from timm.models import get_pretrained_cfg
 from torch import nn
 
-from .base import EncoderInfo, FrozenEncoder, seeded
+from .base import EncoderInfo, FrozenEncoder, seeded, size_variant
 from .preprocess import Preprocessing
 from .weights import assign_state_dict, load_state_dict, resolve_weights, wants_random_init, weights_identity
 
@@ -42,11 +42,7 @@ class TimmSpec:
 
     def variant(self, size: str) -> dict[str, Any]:
         """timm kwargs of `size` ({} for the paper architecture)."""
-        if size == "paper":
-            return {}
-        if size not in self.variants:
-            raise ValueError(f"{self.name}: no {size!r} variant; sizes: paper, {', '.join(self.variants)}")
-        return self.variants[size]
+        return size_variant(self.name, {"paper": {}, **self.variants}, size)
 
     def image_size_of(self, size: str) -> int:
         return int(self.variant(size).get("img_size", self.image_size))

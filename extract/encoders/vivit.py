@@ -16,13 +16,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import VivitConfig, VivitModel
 from transformers.utils import logging as hf_logging
 
-from .base import EncoderInfo, FrozenEncoder, seeded
+from .base import EncoderInfo, FrozenEncoder, seeded, size_variant
 from .preprocess import Preprocessing
 from .weights import WEIGHT_FILES, WeightsError, resolve_weights, wants_random_init, weights_identity
 
@@ -46,12 +45,6 @@ TINY = dict(PAPER, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, i
 # benchmark scale: the paper's input and 16 x 14 x 14 tubelets, depth x width 12 x 768 -> 3 x 96
 SMALL = dict(PAPER, hidden_size=96, num_hidden_layers=3, num_attention_heads=2, intermediate_size=384)
 CONFIGS = {"paper": PAPER, "tiny": TINY, "small": SMALL}
-
-
-def _config_args(size: str) -> dict[str, Any]:
-    if size not in CONFIGS:
-        raise ValueError(f"vivit: no {size!r} variant; sizes: {', '.join(CONFIGS)}")
-    return CONFIGS[size]
 
 
 class VivitEncoder(FrozenEncoder):
@@ -106,7 +99,7 @@ def build_vivit(
     meta: bool = False,
     seed: int = 0,
 ) -> VivitEncoder:
-    config = VivitConfig(**_config_args(size))
+    config = VivitConfig(**size_variant(NAME, CONFIGS, size))
     random_init = wants_random_init(weights, size)
     path = None
     if not (meta or random_init):
@@ -169,7 +162,7 @@ def _from_pretrained(path: Path, config: VivitConfig) -> VivitModel:
 def _info(size: str, config: VivitConfig, identity: str) -> EncoderInfo:
     tt, th, tw = config.tubelet_size
     grid = (config.num_frames // tt, config.image_size // th, config.image_size // tw)
-    arch = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in _config_args(size).items()}
+    arch = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in size_variant(NAME, CONFIGS, size).items()}
     return EncoderInfo(
         name="vivit",
         size=size,
