@@ -45,18 +45,25 @@ ANSWERS = ["a man is running in a park.", "a dog jumps near a river.", "a chef i
 class InMemoryFeatures:
     """`InstructionData.feature_fn` serving features preloaded from the store: the floor run.
 
-    Holds every sample's features as one tensor per encoder, so a micro-batch is a gather."""
+    On its first call (the untimed warm-up step) it reads every sample the data uses into one
+    tensor per encoder, so each later micro-batch is a gather."""
 
-    def __init__(self, data: Any, dtype: torch.dtype) -> None:
+    def __init__(self) -> None:
+        self.features: dict[str, torch.Tensor] | None = None
+        self.position: dict[int, int] = {}
+
+    def _load(self, data: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         readers = data.readers()
         if len(readers) != 1:
             raise ValueError("the floor run expects one store")
         rows = sorted(set(int(s) for s in data.sample_of[data.store_of >= 0]))
         self.position = {row: i for i, row in enumerate(rows)}
         arrays = readers[0].get_batch_indices(rows)
-        self.features = {name: torch.from_numpy(np.ascontiguousarray(arr)).to(dtype) for name, arr in arrays.items()}
+        return {name: torch.from_numpy(np.ascontiguousarray(arr)).to(dtype) for name, arr in arrays.items()}
 
     def __call__(self, data: Any, examples: Any, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if self.features is None:
+            self.features = self._load(data, dtype)
         ex = np.asarray(examples, dtype=np.int64)
         if (data.store_of[ex] < 0).any():
             raise ValueError("the floor run has no text-only examples")
@@ -91,7 +98,7 @@ def extract(manifest: Path, store: Path, recipe: Any, device: str) -> dict[str, 
 
 
 def run_mode(mode: str, args: argparse.Namespace, data: Path, store: Path, work: Path, tag: str) -> dict[str, Any]:
-    from merv.train.trainer import TrainConfig, build_data, resolve, train
+    from merv.train.trainer import TrainConfig, train
 
     config = TrainConfig(
         data=[str(data)], stores=[str(store)], recipe=args.recipe, out_dir=str(work / f"run-{tag}"),
@@ -99,13 +106,7 @@ def run_mode(mode: str, args: argparse.Namespace, data: Path, store: Path, work:
         epochs=None, online=mode == "online", num_workers=args.workers if mode == "cached" else 0,
         export=False, tensorboard=False, progress=False, device=args.device, seed=0,
     )
-    feature_fn = None
-    if mode == "floor":
-        from merv.train.distributed import init_distributed
-
-        env = init_distributed(args.device)
-        dtype = torch.float32 if env.device.type == "cpu" else torch.bfloat16
-        feature_fn = InMemoryFeatures(build_data(config, resolve(config, 1)), dtype)
+    feature_fn = InMemoryFeatures() if mode == "floor" else None
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON report
         summary = train(config, feature_fn=feature_fn)
