@@ -312,19 +312,23 @@ def _free_port() -> int:
 
 
 def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> str:
-    """Read a subprocess's output until a line contains `needle`; fail with what it printed."""
-    seen: list[str] = []
+    """Read a subprocess's output until it contains `needle`; fail with what it printed.
+
+    Reads the raw fd: `select` plus a buffered `readline` misses lines that arrived in the
+    same write as the one just read (they wait in Python's buffer, `select` never fires again)."""
+    fd = proc.stdout.fileno()
+    seen = b""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        ready, _, _ = select.select([fd], [], [], 0.5)
         if ready:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
+            chunk = os.read(fd, 65536)
+            if not chunk and proc.poll() is not None:
                 break
-            seen.append(line)
-            if needle in line:
-                return "".join(seen)
-    raise AssertionError(f"no {needle!r} within {timeout}s; output:\n" + "".join(seen)[-3000:])
+            seen += chunk
+            if needle.encode() in seen:
+                return seen.decode(errors="replace")
+    raise AssertionError(f"no {needle!r} within {timeout}s; output:\n" + seen.decode(errors="replace")[-3000:])
 
 
 def test_cluster_mode_by_address(reference, media, tmp_path):
@@ -335,7 +339,7 @@ def test_cluster_mode_by_address(reference, media, tmp_path):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
          "--include-dashboard", "false", "--disable-usage-stats", "--block"],
-        env=_clean_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_clean_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = str(tmp_path / "cluster.zarr")
     try:
