@@ -78,7 +78,7 @@ def extract_cmd(
                    "omit to (re-)extract the samples the store already lists"),
     store: str = typer.Option(..., "--store", help="output feature store (path or fsspec URL)"),
     encoders: str = typer.Option("dinov2,siglip,vivit,languagebind", help="comma-separated encoder names"),
-    weights: Optional[str] = typer.Option(None, help="directory with the encoders' weights (else the HF cache, offline)"),
+    weights: Optional[str] = typer.Option(None, help="directory with the encoders' weights (else the HF cache, offline); 'random': random init (benchmarks)"),
     grid: str = typer.Option("8x8", help="cache pooled to HxW (least I/O) or 'native' (every token-count ablation)"),
     encoding: str = typer.Option("fp16", help="fp16 | bitround | int8"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="join this Ray cluster (else RAY_ADDRESS, else embedded)"),
@@ -301,7 +301,8 @@ def generate_cmd(
     cfg = read_merv_config(checkpoint)
     recipe = RECIPES.get(str(cfg.get("extra", {}).get("recipe")))
     model = load_merv(checkpoint, device=device)
-    encoders = OnlineEncoders(model.connector.specs, size=size or (recipe.size if recipe else "paper"), device=device)
+    encoders = OnlineEncoders(model.connector.specs, size=size or (recipe.size if recipe else "paper"),
+                              weights=recipe.encoder_weights if recipe and not size else None, device=device)
     out = model.generate_from_video(video, question=question, encoders=encoders, max_new_tokens=max_new_tokens)
     print(out.text)
 

@@ -9,6 +9,8 @@ limit = 1 / (1/decode + 1/encode); on GPUs it would be min(decode, encode). Acto
 (importing torch, building the encoders) is a fixed cost per run and is reported apart.
 
     python -m merv.benchmarks.extract_bench            # 48 clips, 1 and 2 workers, best of 3
+    python -m merv.benchmarks.extract_bench --size paper --weights random --device auto --workers 1 \
+        --batch-size 8 --samples-per-shard 16 --clips 96   # the paper's encoders on one GPU, no downloads
 """
 
 from __future__ import annotations
@@ -150,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--actor-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for the encoder actors, e.g. OMP_WAIT_POLICY=PASSIVE")
     ap.add_argument("--grid", default="native")
+    ap.add_argument("--size", default="tiny", choices=("paper", "small", "tiny"), help="encoder architectures")
+    ap.add_argument("--weights", default=None, help="'random' for the paper size without weights (same FLOPs)")
+    ap.add_argument("--device", default="cpu", help="cpu, or auto (the cluster's GPUs)")
     ap.add_argument("--repeats", type=int, default=3, help="best of N for each measurement")
     ap.add_argument("--out", default=None, help="working directory (default: a temporary one, removed)")
     args = ap.parse_args(argv)
@@ -166,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ray, _ = init_ray(None)
     results: dict[str, Any] = {}
     for workers in (int(v) for v in args.workers.split(",")):
-        opts = ExtractOptions(encoders=args.encoders.split(","), size="tiny", grid=args.grid, workers=workers,
+        opts = ExtractOptions(encoders=args.encoders.split(","), size=args.size, weights=args.weights,
+                              device=args.device, grid=args.grid, workers=workers,
                               batch_size=args.batch_size, inflight_per_worker=args.inflight,
                               samples_per_shard=args.samples_per_shard, decode_cpus=args.decode_cpus,
                               torch_threads=args.torch_threads, env=dict(kv.split("=", 1) for kv in args.actor_env))
@@ -202,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "gpus": ray.cluster_resources().get("GPU", 0), "python": platform.python_version()},
         "clips": {"count": args.clips, "frames": args.frames, "height": h, "width": w, "codec": "h264 crf23 g12",
                   "decoded_frames_per_clip": frames, "generate_s": round(generate_s, 2)},
-        "settings": {"encoders": args.encoders.split(","), "size": "tiny", "device": "cpu", "grid": args.grid,
+        "settings": {"encoders": args.encoders.split(","), "size": args.size, "weights": args.weights,
+                     "device": args.device, "gpu": _gpu_name(), "grid": args.grid,
                      "samples_per_shard": args.samples_per_shard, "batch_size": args.batch_size,
                      "inflight_shards_per_worker": args.inflight, "decode_cpus": args.decode_cpus,
                      "actor_env": args.actor_env, "repeats_best_of": args.repeats},
@@ -213,6 +220,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out is None:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ tokens per sample, and an LLM ~6x the encoders' parameters (paper 7.6x).
 The analytic FLOPs per sample of the same configuration are reported next to the timings.
 
     python -m merv.benchmarks.train_bench                 # small recipe on CPU, ~6 minutes on 2 cores
+    python -m merv.benchmarks.train_bench --recipe paper-shape --stage align --device cuda \
+        --modes floor,cached --batch 16 --micro-batch 4 --videos 96
+        # one GPU: the paper's encoders and a LLaMA-2 7B-shaped LLM, random weights (no downloads);
+        # align trains the connector through the frozen LLM (full 7B fine-tuning needs FSDP over GPUs)
 """
 
 from __future__ import annotations
@@ -89,8 +93,8 @@ def extract(manifest: Path, store: Path, recipe: Any, device: str) -> dict[str, 
 
     t0 = time.perf_counter()
     side = int(recipe.connector.tokens_per_frame ** 0.5)  # the cache holds what the projector keeps
-    opts = ExtractOptions(encoders=list(recipe.encoders), size=recipe.size, grid=f"{side}x{side}", workers=1,
-                          device=device)
+    opts = ExtractOptions(encoders=list(recipe.encoders), size=recipe.size, weights=recipe.encoder_weights,
+                          grid=f"{side}x{side}", workers=1, device=device)
     summary = run_extraction(str(manifest), str(store), opts, show_progress=False)
     if summary.failed or not summary.ok:
         raise RuntimeError(f"extraction failed: {summary.failed or summary.unfinished}")
@@ -103,7 +107,7 @@ def run_mode(mode: str, args: argparse.Namespace, data: Path, store: Path, work:
     config = TrainConfig(
         data=[str(data)], stores=[str(store)], recipe=args.recipe, out_dir=str(work / f"run-{tag}"),
         global_batch_size=args.batch, micro_batch_size=args.micro_batch, max_steps=args.warmup + args.steps,
-        epochs=None, online=mode == "online", num_workers=args.workers if mode == "cached" else 0,
+        stage=args.stage, epochs=None, online=mode == "online", num_workers=args.workers if mode == "cached" else 0,
         export=False, tensorboard=False, progress=False, device=args.device, seed=0,
     )
     feature_fn = InMemoryFeatures() if mode == "floor" else None
@@ -137,28 +141,35 @@ def configuration(recipe: Any, data: Path, store: Path, args: argparse.Namespace
     from torch.utils.flop_counter import FlopCounterMode
 
     reader = FeatureReader(str(store))
+    device = _device(args.device)
     enc_params, enc_flops, shapes = {}, {}, {}
     for name in recipe.encoders:
-        enc = build_encoder(name, size=recipe.size)
+        enc = build_encoder(name, size=recipe.size, weights=recipe.encoder_weights, device=device)
         enc_params[name] = sum(p.numel() for p in enc.parameters())
-        clip = torch.zeros((1, enc.info.frames, args.height, args.width, 3), dtype=torch.uint8)
+        clip = torch.zeros((1, enc.info.frames, args.height, args.width, 3), dtype=torch.uint8, device=device)
         with FlopCounterMode(display=False) as counter:
             enc.encode(clip)
         enc_flops[name] = int(counter.get_total_flops())
         shapes[name] = {"grid": list(reader.groups[name].spec.grid), "dim": reader.groups[name].spec.dim,
                         "frames_in": enc.info.frames, "image_size": enc.info.image_size}
-    model = recipe.build(recipe.feature_specs({n: _spec(reader, n) for n in recipe.encoders}))
+    with torch.device("meta"):  # shapes and counts only: no memory, no init time (a 7B LLM included)
+        model = recipe.build(recipe.feature_specs({n: _spec(reader, n) for n in recipe.encoders}))
     llm_params = sum(p.numel() for n, p in model.llm.named_parameters())
     decoder_params = sum(p.numel() for n, p in model.llm.named_parameters() if ".layers." in n)
     seq = 1 + model.connector.num_tokens + _text_tokens(model, data)
+    stage = args.stage or recipe.stages[-1].stage
+    # backward = 2x forward for trained weights; a frozen LLM (align) still back-propagates to its
+    # inputs (~1x forward) for the connector's gradients
+    llm_factor = 2 if stage == "align" else 3
     flops = {
         "encoders_forward": sum(enc_flops.values()),
         "connector_train": 3 * connector_flops(model.connector),
-        "llm_train": 3 * llm_forward_flops(model.llm.config, seq),
+        "llm_train": llm_factor * llm_forward_flops(model.llm.config, seq),
     }
     total = sum(flops.values())
     return {
         "recipe": recipe.name,
+        "stage": stage,
         "encoders": {n: {**shapes[n], "params": enc_params[n]} for n in recipe.encoders},
         "encoder_params": sum(enc_params.values()),
         "llm_params": llm_params,
@@ -171,6 +182,12 @@ def configuration(recipe: Any, data: Path, store: Path, args: argparse.Namespace
         "global_batch": args.batch, "micro_batch": args.micro_batch, "cached_num_workers": args.workers,
         "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats_best_of": args.repeats,
     }
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def _spec(reader: Any, name: str) -> Any:
@@ -202,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers of the cached run")
     ap.add_argument("--repeats", type=int, default=2, help="runs per mode, order alternated; the best is reported")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--stage", default=None, help="recipe stage to train (default: its last); e.g. align = LLM frozen")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="working directory (default: a temporary one, removed)")
     args = ap.parse_args(argv)

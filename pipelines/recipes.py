@@ -8,6 +8,7 @@ Values are the paper's / reference configs' (DESIGN.md table; princetonvisualai/
   <encoder>-single        single-encoder baselines (frozen recipe, one encoder)
   tiny                    CPU smoke / demo scale (tiny encoders, tiny in-process LLM)
   small                   CPU benchmark scale with the paper's proportions (see benchmarks/train_bench.py)
+  paper-shape             the paper's encoders and LLaMA-2 7B shapes with random weights (GPU benchmarks)
 Ablations derive from a recipe: `RECIPES["merv-frozen"].with_connector(projector="avg3d")`.
 """
 
@@ -52,6 +53,7 @@ class ModelRecipe:
     llm: str  # merv.train.llm registry id, local dir, or an in-process LLM (tiny-llama, small-llama, ...)
     stages: tuple[StageRecipe, ...]
     size: str = "paper"  # encoder size for extraction: "paper" | "small" | "tiny"
+    encoder_weights: str | None = None  # None: the size's default (paper: pretrained); "random": random init
     llm_max_length: int = 2048
     prompt_format: str | None = None  # None: the LLM's default
     published: str | None = None  # HF id of the released checkpoint (tyleryzhu/merv/<id>)
@@ -160,6 +162,18 @@ RECIPES: dict[str, ModelRecipe] = {
             "CPU benchmark scale with the paper's proportions: 4 small random encoders (the paper's inputs and "
             "16x16 / 14x14 grids pooled to 8x8, 4.1M parameters) and a 25M-parameter in-process LLaMA; "
             "1024 visual tokens per sample"
+        ),
+    ),
+    "paper-shape": replace(
+        _MERV_FROZEN,
+        name="paper-shape",
+        llm="llama2-7b-shape",
+        encoder_weights="random",
+        stages=(ALIGN, FINETUNE),
+        published=None,
+        description=(
+            "the paper's compute without weights: the four paper encoders and a LLaMA-2 7B-shaped LLM, random "
+            "init (GPU benchmarks: `train_bench --recipe paper-shape --stage align`)"
         ),
     ),
 }

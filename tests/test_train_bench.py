@@ -26,6 +26,7 @@ def test_three_modes_train_identically_and_report_ratios(tmp_path, capsys):
     assert cfg["visual_tokens_per_sample"] == 16 * 4  # tiny: 16 frames x 2x2 tokens (the fusion mixes encoders)
     assert 0 < cfg["flops_per_sample"]["encoder_share"] < 1
     assert report["extraction"]["videos"] == 4
+    assert cfg["stage"] == "finetune"  # the recipe's last stage by default (--stage picks another)
     assert '"benchmark": "train_step"' in capsys.readouterr().out  # JSON on stdout
 
 
@@ -49,3 +50,52 @@ def test_small_recipe_keeps_the_paper_proportions():
     encoder = sum(e.num_parameters() for e in encoders.values())
     assert decoder >= 4 * encoder
     assert [s.grid for s in specs] == [(16, 16, 16), (16, 16, 16), (16, 14, 14), (16, 14, 14)]
+
+
+def test_paper_shape_recipe_is_the_papers_model_without_weights():
+    """`paper-shape` (GPU benchmarks without downloads): built on the meta device, its LLM and
+    connector have exactly the parameters of the analytic paper report, LLaMA-2 7B's shapes."""
+    from merv.train.llm import llama2_7b_config
+
+    recipe = get_recipe("paper-shape")
+    assert recipe.size == "paper" and recipe.encoder_weights == "random"
+    assert [s.stage for s in recipe.stages] == ["align", "finetune"]  # align: one GPU, frozen LLM
+    with torch.device("meta"):
+        model = recipe.build()
+    report = get_recipe("merv-frozen").report()
+    assert sum(p.numel() for p in model.llm.parameters()) == report.params["llm"] > 6.7e9
+    connector = sum(v for k, v in report.params.items() if k.startswith(("projector/", "fusion")))
+    assert sum(p.numel() for p in model.connector.parameters()) == connector
+    reference = llama2_7b_config()
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "max_position_embeddings"):
+        assert getattr(model.llm.config, key) == getattr(reference, key), key
+
+
+def test_paper_size_random_encoders_need_no_weights(monkeypatch):
+    """What the GPU runs of `paper-shape` rely on: online encoders at paper size with random
+    weights build without any checkpoint (offline), and the choice survives pickling to workers."""
+    import pickle
+
+    from merv.train.online import OnlineEncoders, OnlineFeatureFn
+    from merv.train.paper import PAPER_ENCODERS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    enc = OnlineEncoders([PAPER_ENCODERS["siglip"].spec], size="paper", weights="random").encoder("siglip")
+    assert enc.info.weights.startswith("random-init") and enc.info.grid == (16, 14, 14)
+    assert pickle.loads(pickle.dumps(OnlineFeatureFn(size="paper", weights="random"))).weights == "random"
+
+
+def test_bench_extracts_with_the_recipes_encoder_weights(monkeypatch, tmp_path):
+    from merv.extract.job import ExtractSummary
+
+    seen = {}
+
+    def fake_run(manifest, store, opts, show_progress):  # noqa: ANN001, ANN202
+        seen["opts"] = opts
+        return ExtractSummary(extracted=3)
+
+    monkeypatch.setattr("merv.extract.job.run_extraction", fake_run)
+    assert train_bench.extract(tmp_path / "m.jsonl", tmp_path / "s.zarr", get_recipe("paper-shape"), "cuda")["videos"] == 3
+    opts = seen["opts"]
+    assert (opts.size, opts.weights, opts.grid, opts.device) == ("paper", "random", "8x8", "cuda")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .connector import Connector, ConnectorConfig
-from .llm import default_prompt_format, load_llm
+from .llm import LLAMA2_7B, LLAMA2_7B_PADDED_VOCAB, default_prompt_format, load_llm
 from .model import MervModel
 from .specs import FeatureSpec
 
@@ -19,6 +19,13 @@ IN_PROCESS_LLMS: dict[str, tuple[str, dict[str, int]]] = {
     # CPU benchmark scale: 25.3M parameters in the decoder layers, ~6x the `small` encoders (paper:
     # LLaMA-2 7B vs 0.89B of encoders, 7.6x); LLaMA-2's 128-wide heads and ~2.7x MLP.
     "small-llama": ("llama", dict(hidden_size=512, layers=8, heads=4, kv_heads=4, intermediate_size=1376)),
+    # LLaMA-2 7B's shapes as MERV trains it (padded vocab; 6.74B parameters), random weights:
+    # GPU benchmarks of the paper's compute without downloading anything
+    "llama2-7b-shape": ("llama", dict(
+        hidden_size=LLAMA2_7B["hidden_size"], layers=LLAMA2_7B["num_hidden_layers"],
+        heads=LLAMA2_7B["num_attention_heads"], kv_heads=LLAMA2_7B["num_key_value_heads"],
+        intermediate_size=LLAMA2_7B["intermediate_size"], vocab_size=LLAMA2_7B_PADDED_VOCAB,
+        max_positions=LLAMA2_7B["max_position_embeddings"])),
 }
 
 

@@ -36,6 +36,8 @@ LLAMA2_7B: dict[str, Any] = {
 # multiple of 64 (LLaMA-2: 32000 -> 32001 -> 32064 rows); published checkpoints have that shape.
 PAD_TOKEN = "<PAD>"
 PAD_MULTIPLE = 64
+# LLaMA-2's 32000 rows + the added <PAD>, padded to a multiple of 64 (as the reference does)
+LLAMA2_7B_PADDED_VOCAB = -(-(LLAMA2_7B["vocab_size"] + 1) // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -183,13 +185,9 @@ def llama2_7b_config(vocab_size: int | None = None, **overrides: Any) -> Any:
     from transformers import LlamaConfig
 
     values = dict(LLAMA2_7B)
-    values["vocab_size"] = vocab_size or _round_up(LLAMA2_7B["vocab_size"] + 1, PAD_MULTIPLE)
+    values["vocab_size"] = vocab_size or LLAMA2_7B_PADDED_VOCAB
     values.update(overrides)
     return LlamaConfig(**values)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:

@@ -78,6 +78,7 @@ class OnlineEncoders:
         specs: list[FeatureSpec],
         *,
         size: str = "paper",
+        weights: str | None = None,
         encoders: dict[str, Any] | None = None,
         frames: dict[str, int] | None = None,
         loader: Callable[[str, int], Any] | None = None,
@@ -88,6 +89,7 @@ class OnlineEncoders:
         self.specs = list(specs)
         self.decode_frames = decode_frames  # None: extraction's rule (see encode_path)
         self.size = size
+        self.weights = weights  # build_encoder's: None (the size's default), "random", a file
         self._encoders: dict[str, Any] = dict(encoders or {})
         self._frames = dict(frames or {})
         self._loader = loader
@@ -98,7 +100,7 @@ class OnlineEncoders:
         if name not in self._encoders:
             from merv.extract.encoders import build_encoder  # lazy: train never imports extract otherwise
 
-            enc = build_encoder(name, size=self.size, device=self.device or "cpu")
+            enc = build_encoder(name, size=self.size, weights=self.weights, device=self.device or "cpu")
             if hasattr(enc, "eval"):
                 enc.eval()
             self._encoders[name] = enc
@@ -159,13 +161,14 @@ class OnlineFeatureFn:
     is decoded at the store's frame count. Built lazily per process (DataLoader workers included).
     """
 
-    def __init__(self, size: str = "paper", device: str = "cpu") -> None:
+    def __init__(self, size: str = "paper", device: str = "cpu", weights: str | None = None) -> None:
         self.size = size
         self.device = device
+        self.weights = weights  # build_encoder's: None (the size's default), "random", a file
         self._encoders: dict[str, Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"size": self.size, "device": self.device, "_encoders": None}
+        return {"size": self.size, "device": self.device, "weights": self.weights, "_encoders": None}
 
     def _build(self, data: Any) -> dict[str, Any]:
         if self._encoders is None:
@@ -174,7 +177,7 @@ class OnlineFeatureFn:
             reader = data.readers()[0]
             self._encoders = {}
             for name, group in reader.groups.items():
-                enc = build_encoder(name, size=self.size, device=self.device)
+                enc = build_encoder(name, size=self.size, weights=self.weights, device=self.device)
                 if enc.info.fingerprint() != group.spec.fingerprint:
                     raise ValueError(
                         f"--online: encoder {name!r} ({self.size}) has fingerprint {enc.info.fingerprint()} but the "

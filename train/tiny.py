@@ -105,17 +105,21 @@ def build_tiny_llm(
     kv_heads: int = 2,
     intermediate_size: int = 128,
     max_positions: int = 2048,
+    vocab_size: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """Randomly initialised (seeded) LlamaForCausalLM / Qwen2ForCausalLM sized for CPU tests."""
+    """Randomly initialised (seeded) LlamaForCausalLM / Qwen2ForCausalLM sized for CPU tests.
+
+    `vocab_size` (default: the tokenizer's) may exceed the tokenizer: rows it never uses, so a
+    shape-only model can carry a real LLM's embedding and LM-head cost."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     cfg_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}.get(flavor)
     if cfg_cls is None:
         raise ValueError(f"tiny LLM flavor {flavor!r} is unknown; use 'llama' or 'qwen2'")
     config = cfg_cls(
-        vocab_size=len(tokenizer),
+        vocab_size=max(vocab_size or 0, len(tokenizer)),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=layers,

@@ -238,7 +238,7 @@ def train(config: TrainConfig, feature_fn: Any = None) -> dict[str, Any]:
 
         # in the training process the encoders share its device (as in the reference); workers: CPU
         device = str(env.device) if config.num_workers == 0 else "cpu"
-        data.feature_fn = OnlineFeatureFn(size=res.recipe.size, device=device)
+        data.feature_fn = OnlineFeatureFn(size=res.recipe.size, device=device, weights=res.recipe.encoder_weights)
     if feature_fn is not None:
         if config.online:
             raise TrainConfigError("--online and a custom feature_fn both replace the store reads; choose one")
