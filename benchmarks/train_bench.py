@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ def run_mode(mode: str, args: argparse.Namespace, data: Path, store: Path, work:
     config = TrainConfig(
         data=[str(data)], stores=[str(store)], recipe=args.recipe, out_dir=str(work / f"run-{tag}"),
         global_batch_size=args.batch, micro_batch_size=args.micro_batch, max_steps=args.warmup + args.steps,
-        stage=args.stage, epochs=None, online=mode == "online", num_workers=args.workers if mode == "cached" else 0,
+        stage=args.stage, llm=args.llm, epochs=None, online=mode == "online", num_workers=args.workers if mode == "cached" else 0,
         export=False, tensorboard=False, progress=False, device=args.device, seed=0,
     )
     feature_fn = InMemoryFeatures() if mode == "floor" else None
@@ -170,6 +171,7 @@ def configuration(recipe: Any, data: Path, store: Path, args: argparse.Namespace
     return {
         "recipe": recipe.name,
         "stage": stage,
+        "llm": recipe.llm,
         "encoders": {n: {**shapes[n], "params": enc_params[n]} for n in recipe.encoders},
         "encoder_params": sum(enc_params.values()),
         "llm_params": llm_params,
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers of the cached run")
     ap.add_argument("--repeats", type=int, default=2, help="runs per mode, order alternated; the best is reported")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--llm", default=None, help="replace the recipe's LLM (e.g. small-llama: a CPU check of a GPU recipe)")
     ap.add_argument("--stage", default=None, help="recipe stage to train (default: its last); e.g. align = LLM frozen")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="working directory (default: a temporary one, removed)")
@@ -234,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from merv.pipelines.recipes import get_recipe
 
     recipe = get_recipe(args.recipe)
+    if args.llm:
+        recipe = replace(recipe, llm=args.llm)
     work = Path(args.out or tempfile.mkdtemp(prefix="merv-train-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     store = work / "features.zarr"

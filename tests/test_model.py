@@ -312,6 +312,24 @@ def test_analytic_llm_flops_match_a_flop_counter(tiny) -> None:
     assert counter.get_total_flops() == llm_forward_flops(model.llm.config, 50)
 
 
+@pytest.mark.parametrize("name", ["languagebind", "dinov2", "vivit", "siglip"])
+def test_analytic_encoder_flops_match_a_flop_counter_on_the_real_architectures(name) -> None:
+    """The encoders' FLOP share the README quotes comes from `model_report`; the paper-size
+    architectures the extraction runs (random weights, on the meta device: no compute) must count
+    the same FLOPs through the full `encode` path (resize, ViT, token pooling)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from merv.extract.encoders import build_encoder
+    from merv.train.paper import model_report, paper_feature_specs
+
+    analytic = model_report(paper_feature_specs(), seq_len=2048).flops[f"encoder/{name}"]
+    enc = build_encoder(name, size="paper", weights="random", meta=True)
+    clip = torch.zeros((1, enc.info.frames, 240, 320, 3), dtype=torch.uint8, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        enc.encode(clip)
+    assert counter.get_total_flops() == pytest.approx(analytic, rel=1e-4)
+
+
 def test_recipes() -> None:
     from merv.pipelines.recipes import RECIPES, get_recipe
 
