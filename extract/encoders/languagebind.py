@@ -34,9 +34,8 @@ from .weights import (
     WeightsError,
     assign_state_dict,
     load_state_dict,
-    resolve_weights,
-    wants_random_init,
     weights_identity,
+    weights_to_load,
 )
 
 NAME = "languagebind"
@@ -293,12 +292,8 @@ def build_languagebind(
     frames: int = 16,
 ) -> LanguageBindEncoder:
     cfg = size_variant(NAME, CONFIGS, size)
-    random_init = wants_random_init(weights, size)
-    path = None
-    if not (meta or random_init):
-        path = resolve_weights(
-            MODEL_ID, weights, allow_download=allow_download, aliases=(NAME,), extra_files=("config.json",)
-        )
+    random_init, path = weights_to_load(MODEL_ID, weights, size, meta=meta, allow_download=allow_download,
+                                        aliases=(NAME,), extra_files=("config.json",))
     if path is not None:
         cfg = checkpoint_config(path, cfg)
         if size == "paper" and not (path.parent / "config.json").is_file():

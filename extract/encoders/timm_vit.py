@@ -19,7 +19,7 @@ from torch import nn
 
 from .base import EncoderInfo, FrozenEncoder, seeded, size_variant
 from .preprocess import Preprocessing
-from .weights import assign_state_dict, load_state_dict, resolve_weights, wants_random_init, weights_identity
+from .weights import assign_state_dict, load_state_dict, weights_identity, weights_to_load
 
 ARCH_KEYS = ("embed_dim", "depth", "num_heads", "img_size")  # the rest of a variant is recorded as `extra`
 
@@ -138,10 +138,8 @@ def build_timm_encoder(
     seed: int = 0,
 ) -> TimmViTEncoder:
     """Build a paper / tiny variant; see `registry.build_encoder` for the argument semantics."""
-    random_init = wants_random_init(weights, size)
-    path = None
-    if not (meta or random_init):
-        path = resolve_weights(spec.model_id, weights, allow_download=allow_download, aliases=(spec.name,))
+    random_init, path = weights_to_load(spec.model_id, weights, size, meta=meta, allow_download=allow_download,
+                                        aliases=(spec.name,))
     if meta or path is not None:
         with torch.device("meta"):
             model = _create(spec, size)

@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from .base import EncoderInfo, FrozenEncoder, seeded, size_variant
 from .preprocess import Preprocessing
-from .weights import WEIGHT_FILES, WeightsError, resolve_weights, wants_random_init, weights_identity
+from .weights import WEIGHT_FILES, WeightsError, weights_identity, weights_to_load
 
 NAME = "vivit"
 MODEL_ID = "google/vivit-b-16x2-kinetics400"
@@ -100,12 +100,8 @@ def build_vivit(
     seed: int = 0,
 ) -> VivitEncoder:
     config = VivitConfig(**size_variant(NAME, CONFIGS, size))
-    random_init = wants_random_init(weights, size)
-    path = None
-    if not (meta or random_init):
-        path = resolve_weights(
-            MODEL_ID, weights, allow_download=allow_download, aliases=(NAME,), extra_files=("config.json",)
-        )
+    random_init, path = weights_to_load(MODEL_ID, weights, size, meta=meta, allow_download=allow_download,
+                                        aliases=(NAME,), extra_files=("config.json",))
     if path is not None:
         model = _from_pretrained(path, config)
     elif meta:

@@ -62,6 +62,25 @@ def wants_random_init(weights: str | os.PathLike[str] | None, size: str) -> bool
     return weights == "random" or (size != "paper" and weights is None)
 
 
+def weights_to_load(
+    model_id: str,
+    weights: str | os.PathLike[str] | None,
+    size: str,
+    *,
+    meta: bool,
+    allow_download: bool,
+    aliases: Sequence[str] = (),
+    extra_files: Sequence[str] = (),
+) -> tuple[bool, Path | None]:
+    """(random init?, the weights file to load or None): every builder's first step. A meta build
+    or a random init needs no file; anything else resolves one (or raises, naming the model id)."""
+    random_init = wants_random_init(weights, size)
+    if meta or random_init:
+        return random_init, None
+    return random_init, resolve_weights(model_id, weights, allow_download=allow_download, aliases=aliases,
+                                        extra_files=extra_files)
+
+
 def weights_identity(model_id: str, size: str, path: Path | None, random_init: bool, seed: int) -> str:
     """The weights part of an encoder's fingerprint: the seed of a random init, the hash of a
     tiny / small variant's own file, or the published model id."""
