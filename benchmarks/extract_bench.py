@@ -64,6 +64,13 @@ def write_clips(d: Path, n: int, frames: int, hw: tuple[int, int], fps: int = 25
     return paths
 
 
+def write_manifest(d: Path, clips: list[Path]) -> Path:
+    """The `merv extract` manifest of generated clips: id = file stem, path relative to `d`."""
+    manifest = d / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"id": p.stem, "path": p.name}) + "\n" for p in clips))
+    return manifest
+
+
 def _prepare(manifest: Path, url: str, opts: ExtractOptions) -> tuple[Any, Any, int]:
     """A fresh store and its plan; then a pause, so that killed actors of the previous
     measurement are gone before the next one starts (2 cores: every straggler counts)."""
@@ -164,8 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     clips = write_clips(work, args.clips, args.frames, (h, w))
-    manifest = work / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps({"id": p.stem, "path": p.name}) + "\n" for p in clips))
+    manifest = write_manifest(work, clips)
     generate_s = time.perf_counter() - t0
 
     ray, _ = init_ray(None)

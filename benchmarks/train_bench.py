@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from merv.benchmarks.extract_bench import write_clips
+from merv.benchmarks.extract_bench import write_clips, write_manifest
 
 MODES = ("floor", "cached", "online")
 QUESTIONS = ["What is happening in this video?", "Describe the video.", "Where does this take place?"]
@@ -79,8 +79,7 @@ class InMemoryFeatures:
 def make_dataset(work: Path, videos: int, frames: int, hw: tuple[int, int]) -> tuple[Path, Path]:
     """h264 clips, their manifest and one single-turn conversation per clip."""
     clips = write_clips(work, videos, frames, hw)
-    manifest = work / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps({"id": p.stem, "path": p.name}) + "\n" for p in clips))
+    manifest = write_manifest(work, clips)
     records = [{"id": p.stem, "video": p.name, "conversations": [
         {"from": "human", "value": "<video>\n" + QUESTIONS[i % len(QUESTIONS)]},
         {"from": "gpt", "value": ANSWERS[i % len(ANSWERS)]}]} for i, p in enumerate(clips)]

@@ -99,3 +99,12 @@ def test_bench_extracts_with_the_recipes_encoder_weights(monkeypatch, tmp_path):
     assert train_bench.extract(tmp_path / "m.jsonl", tmp_path / "s.zarr", get_recipe("paper-shape"), "cuda")["videos"] == 3
     opts = seen["opts"]
     assert (opts.size, opts.weights, opts.grid, opts.device) == ("paper", "random", "8x8", "cuda")
+
+
+def test_online_and_a_custom_feature_fn_are_refused_before_any_setup(tmp_path):
+    from merv.train.trainer import TrainConfig, TrainConfigError, train
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainConfigError, match="choose one"):
+        train(TrainConfig(data=["missing.json"], online=True, out_dir=str(out)), feature_fn=train_bench.InMemoryFeatures())
+    assert not out.exists()  # nothing was written

@@ -197,13 +197,14 @@ class OnlineFeatureFn:
         has_visual = torch.from_numpy(stores >= 0)
         feats = {name: torch.zeros((len(ex), *shape), dtype=dtype) for name, shape in data.feature_shapes.items()}
         readers = data.readers()
+        decoded = [_frames_decoded(reader, encoders) for reader in readers]  # per store, not per sample
         specs = [FeatureSpec(name, tuple(shape[:3]), int(shape[3])) for name, shape in data.feature_shapes.items()]
         for pos in np.nonzero(stores >= 0)[0]:
             reader = readers[int(stores[pos])]
-            max_frames = _frames_decoded(reader, encoders)
             record = reader.table.record(int(data.sample_of[ex[pos]]))
             with local_file(record.source) as path:
-                clip = load_clip(path, max_frames, start=record.start, end=record.end, end_frame=record.end_frame)
+                clip = load_clip(path, decoded[int(stores[pos])], start=record.start, end=record.end,
+                                 end_frame=record.end_frame)
             one = encode_clip(clip.frames_for, encoders, specs, is_image=clip.is_image)
             for name, x in one.items():
                 feats[name][int(pos)] = x[0].to(dtype)

@@ -222,6 +222,8 @@ def train(config: TrainConfig, feature_fn: Any = None) -> dict[str, Any]:
 
     `feature_fn` replaces the store reads (`InstructionData.feature_fn`): benchmarks feed features
     held in memory through it; `config.online` installs the decode + encode one."""
+    if feature_fn is not None and config.online:  # before any set-up: nothing to undo
+        raise TrainConfigError("--online and a custom feature_fn both replace the store reads; choose one")
     env = init_distributed(config.device)
     torch.manual_seed(config.seed)
     res = resolve(config, env.world_size)
@@ -239,9 +241,7 @@ def train(config: TrainConfig, feature_fn: Any = None) -> dict[str, Any]:
         # in the training process the encoders share its device (as in the reference); workers: CPU
         device = str(env.device) if config.num_workers == 0 else "cpu"
         data.feature_fn = OnlineFeatureFn(size=res.recipe.size, device=device, weights=res.recipe.encoder_weights)
-    if feature_fn is not None:
-        if config.online:
-            raise TrainConfigError("--online and a custom feature_fn both replace the store reads; choose one")
+    elif feature_fn is not None:
         data.feature_fn = feature_fn
     from .loader import StreamingLoader
 
