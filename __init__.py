@@ -6,3 +6,13 @@ connector and the LLM. `merv.pipelines` holds named recipes and jobs built from 
 """
 
 __version__ = "0.1.0"
+
+
+class MervError(Exception):
+    """An error caused by the user's input or environment, not by a bug in merv.
+
+    Its message names the input at fault and the fix, in one line. The command line prints it
+    as such (exit status 2) and shows a traceback only with `merv --debug`; every typed error of
+    the packages (stores, sources, decoding, weights, training config, data, checkpoints,
+    evaluation) derives from it.
+    """

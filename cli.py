@@ -1,25 +1,101 @@
-"""The `merv` command line: parse arguments, call the library, print results. Nothing else."""
+"""The `merv` command line: parse arguments, call the library, print results. Nothing else.
+
+Errors caused by the user's input (every `merv.MervError`, and the common library errors a bad
+path or file produces) are printed as one line naming the input and the fix, exit status 2; a
+traceback is shown only for genuine bugs, or for every error with `merv --debug` / MERV_DEBUG=1.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="MERV video LLMs with cached frozen-encoder features.")
-store_app = typer.Typer(no_args_is_help=True, help="Inspect and check feature stores.")
-app.add_typer(store_app, name="store")
-model_app = typer.Typer(no_args_is_help=True, help="Model recipes: sizes and FLOPs.")
-app.add_typer(model_app, name="model")
+from merv import MervError
+
 console = Console()
+err_console = Console(stderr=True)
+_DEBUG = {"on": os.environ.get("MERV_DEBUG", "") not in ("", "0")}
+
+
+def user_error_line(exc: BaseException) -> str | None:
+    """One line for an error the user can fix, or None for a bug (shown with its traceback)."""
+    import yaml
+
+    if isinstance(exc, MervError):
+        text = str(exc)
+    elif isinstance(exc, UnicodeDecodeError):
+        text = f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}); pass a UTF-8 JSON / JSONL / CSV / YAML file"
+    elif isinstance(exc, json.JSONDecodeError):
+        text = f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; fix the file or pass another"
+    elif isinstance(exc, yaml.YAMLError):
+        text = f"invalid YAML: {' '.join(str(exc).split())}"
+    elif isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        what = {FileNotFoundError: "no such file or directory", NotADirectoryError: "not a directory",
+                IsADirectoryError: "is a directory, not a file", PermissionError: "permission denied"}
+        reason = next((v for k, v in what.items() if isinstance(exc, k)), exc.strerror)
+        text = f"{exc.filename}: {reason}; check the path" if exc.filename else str(exc)
+    elif isinstance(exc, ImportError) and "install" in str(exc).lower():
+        text = str(exc)  # an optional dependency a URL or option needs (e.g. s3fs for s3://)
+    else:
+        return None
+    return " ".join(text.split())
+
+
+def _friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs right here
+            line = user_error_line(exc)
+            if line is None or _DEBUG["on"]:
+                raise
+            _fail(line)
+
+    return run
+
+
+class _App(typer.Typer):
+    """A Typer whose every command reports user errors in one line (see `user_error_line`)."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        register = super().command(*args, **kwargs)
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            register(_friendly_errors(fn))
+            return fn
+
+        return decorate
+
+
+app = _App(add_completion=False, no_args_is_help=True, help="MERV video LLMs with cached frozen-encoder features.")
+store_app = _App(no_args_is_help=True, help="Inspect and check feature stores.")
+app.add_typer(store_app, name="store")
+model_app = _App(no_args_is_help=True, help="Model recipes: sizes and FLOPs.")
+app.add_typer(model_app, name="model")
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="show the full traceback of every error (also MERV_DEBUG=1)"),
+) -> None:
+    if debug:
+        _DEBUG["on"] = True
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -349,8 +425,8 @@ def roundtrip_cmd(out: Path = typer.Option(Path("runs/roundtrip"), help="output 
 
 
 def main() -> None:  # pragma: no cover - console entry
-    app()
+    app(prog_name="merv")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    sys.exit(main())

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from merv import MervError
 from merv.store import FeatureStore, parse_grid
 
 from .plan import Plan, ShardJob, decode_frames, group_spec, plan_shards
@@ -34,7 +35,7 @@ FORWARD_ENV_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_HOME", "M
 MAX_ACTOR_REPLACEMENTS = 3  # per worker slot, after Ray's own restarts are used up
 
 
-class ExtractError(RuntimeError):
+class ExtractError(MervError, RuntimeError):
     """The job cannot run at all (e.g. no worker can load the encoders); says why."""
 
 

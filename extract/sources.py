@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from merv import MervError
+
 if TYPE_CHECKING:  # decode tasks import this module: keep it free of torch (merv.store, webdataset)
     from merv.store import SampleRecord
 
@@ -37,7 +39,7 @@ def base_plus_ext(name: str) -> tuple[str, str] | tuple[None, None]:
     return (match.group(1), match.group(2)) if match else (None, None)
 
 
-class SourceError(ValueError):
+class SourceError(MervError, ValueError):
     """A manifest / directory / tar that cannot be turned into samples; names the input."""
 
 

@@ -37,12 +37,14 @@ from typing import Literal
 
 import numpy as np
 
+from merv import MervError
+
 Backend = Literal["auto", "decord", "pyav"]
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 
 # --------------------------------------------------------------------------------------- errors
-class DecodeError(Exception):
+class DecodeError(MervError):
     """A sample that cannot be decoded as asked. `path` names the file; `reason` says why."""
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:

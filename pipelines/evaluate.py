@@ -61,6 +61,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from merv import MervError
 from merv.store import FeatureReader, FeatureStore
 from merv.store.grid import pool_grid_torch
 
@@ -84,7 +85,7 @@ DEFAULT_MAX_NEW_TOKENS = {"mcq": 32, "open": 128}
 RANK_FILE = re.compile(r"rank-(\d+)-of-(\d+)\.jsonl$")
 
 
-class EvalError(ValueError):
+class EvalError(MervError, ValueError):
     """A benchmark, store or result set that cannot be evaluated as asked; the message says why."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from merv import MervError
 
-class StoreError(Exception):
+
+class StoreError(MervError):
     """Base class of every feature-store error."""
 
 

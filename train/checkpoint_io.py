@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from merv import MervError
+
 from .connector import Connector, ConnectorConfig
 from .model import MervModel
 from .specs import FeatureSpec
@@ -34,7 +36,7 @@ FORMAT = "merv-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MervError, ValueError):
     """A checkpoint does not fit the model (missing / unexpected / mis-shaped tensors)."""
 
 

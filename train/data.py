@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from merv import MervError
 from merv.store import KINDS, FeatureReader, FeatureStore
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ VISUAL_KEYS = ("video", "image")
 MAX_LISTED = 10  # ids named in a missing-features report
 
 
-class InstructionDataError(ValueError):
+class InstructionDataError(MervError, ValueError):
     """A malformed instruction-data file or record (names the file and record)."""
 
 
@@ -102,7 +103,7 @@ class MissingReport:
         )
 
 
-class MissingFeaturesError(RuntimeError):
+class MissingFeaturesError(MervError, RuntimeError):
     """Raised when examples have no features and `allow_missing` is off."""
 
     def __init__(self, report: MissingReport) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from merv import MervError
+
 # LLaMA-2 7B (meta-llama/Llama-2-7b-hf config.json), kept in code so sizing needs no download.
 LLAMA2_7B: dict[str, Any] = {
     "hidden_size": 4096,
@@ -64,7 +66,7 @@ LLM_REGISTRY: dict[str, LLMEntry] = {
 DEFAULT_LLM = "llama2-7b-pure"
 
 
-class LLMNotFoundError(FileNotFoundError):
+class LLMNotFoundError(MervError, FileNotFoundError):
     """The LLM (or its tokenizer) is neither a local directory nor in the HF cache."""
 
 

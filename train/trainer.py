@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from merv import MervError
+
 from .checkpoint import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistEnv, all_reduce_sum, init_distributed
 from .fsdp import shard_model
@@ -27,7 +29,7 @@ from .metrics import MetricsLogger
 from .schedule import build_optimizer, build_scheduler
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(MervError, ValueError):
     """A training configuration that cannot work; the message names the option and the fix."""
 
 

@@ -17,14 +17,16 @@ from pathlib import Path
 
 import torch
 
+from merv import MervError
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(MervError, RuntimeError):
     """Weights were found but do not fit the model (names or shapes)."""
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(MervError, FileNotFoundError):
     """No local weights for a model: says where we looked and what to download."""
 
     def __init__(
