@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TextIO
 
 import typer
 from rich.console import Console
@@ -55,8 +55,12 @@ def _friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except (typer.Exit, typer.Abort):
             raise
+        except KeyboardInterrupt:
+            if _DEBUG["on"]:
+                raise
+            _fail("interrupted (Ctrl-C)", 130)
         except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs right here
             line = user_error_line(exc)
             if line is None or _DEBUG["on"]:
@@ -94,8 +98,27 @@ def _global_options(
         _DEBUG["on"] = True
 
 
+def _json_stdout() -> TextIO:
+    """Reserve standard output for one JSON document. From here on, whatever else writes to
+    file descriptor 1 (Ray's driver-side log lines, worker processes, C libraries) lands on
+    stderr; the returned stream writes to the original stdout. In-process callers whose stdout
+    is not a file descriptor (tests' CliRunner) get sys.stdout as it is."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return sys.stdout
+    if fd != 1:
+        return sys.stdout
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    return os.fdopen(saved, "w")
+
+
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -105,12 +128,9 @@ def store_info_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the full JSON"),
 ) -> None:
     """Encoders, fingerprints, shapes, encodings, committed / failed / pending counts, bytes."""
-    from merv.store import FeatureStore, StoreError, store_info
+    from merv.store import FeatureStore, store_info
 
-    try:
-        info = store_info(FeatureStore.open(path))
-    except StoreError as exc:
-        _fail(str(exc))
+    info = store_info(FeatureStore.open(path))
     if as_json:
         print(json.dumps(info, indent=2, default=str))
         return
@@ -131,13 +151,9 @@ def store_info_cmd(
 @store_app.command("verify")
 def store_verify_cmd(path: str = typer.Argument(..., help="store path or fsspec URL")) -> None:
     """Re-read every committed chunk (checksums); name corrupt shards and samples; exit 1 if any."""
-    from merv.store import FeatureStore, StoreError, verify_store
+    from merv.store import FeatureStore, verify_store
 
-    try:
-        store = FeatureStore.open(path)
-        report = verify_store(store)
-    except StoreError as exc:
-        _fail(str(exc))
+    report = verify_store(FeatureStore.open(path))
     for problem in report.problems:
         console.print(f"[red]CORRUPT[/] {problem}")
     status = "clean" if report.ok else f"{len(report.problems)} problem(s)"
@@ -161,7 +177,10 @@ def extract_cmd(
     size: str = typer.Option("paper", help="'paper' (published weights), or random-init 'small' (benchmarks) / 'tiny' (tests, demo)"),
     workers: Optional[int] = typer.Option(None, help="encoder actors (default: one per GPU, else 1)"),
     batch_size: int = typer.Option(8, help="clips per encoder forward (across videos)"),
-    inflight: int = typer.Option(2, help="shards in flight per encoder actor (bounds memory)"),
+    inflight: int = typer.Option(2, help="shards open per encoder actor (bounds the actors' feature buffers)"),
+    max_inflight_bytes: Optional[str] = typer.Option(
+        None, help="decoded frames alive at once, e.g. 4GiB or 500MB (default: a quarter of Ray's object store)"),
+    stop_grace: float = typer.Option(60.0, help="seconds shards may finish after SIGINT / SIGTERM before they are abandoned"),
     decode_cpus: float = typer.Option(1.0, help="CPUs per decode task"),
     worker_cpus: Optional[float] = typer.Option(None, help="CPUs reserved per actor (default 1 with GPUs, 0 on CPU-only)"),
     torch_threads: Optional[int] = typer.Option(None, help="torch threads per actor (default: the CPUs it may use)"),
@@ -170,38 +189,42 @@ def extract_cmd(
     samples_per_shard: Optional[int] = typer.Option(None, help="samples per shard of a new store (else ~128 MiB shards)"),
     allow_download: bool = typer.Option(False, "--allow-download", help="let missing weights be fetched from the Hub"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
-    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON document on stdout (logs go to stderr)"),
 ) -> None:
     """Decode every video once, run each frozen encoder once, write the feature store.
 
-    A re-run skips committed shards; exit status 1 when a shard could not be written.
+    A re-run skips committed shards. Exit status 1 when a shard could not be written; after
+    SIGINT / SIGTERM, 128 + the signal number (committed shards are kept: re-run to continue).
     """
-    from merv.extract.encoders import WeightsError
-    from merv.extract.job import ExtractError, ExtractOptions, run_extraction
-    from merv.extract.sources import SourceError
-    from merv.store import StoreError
+    from rich.markup import escape
 
+    from merv.extract.job import ExtractOptions, parse_bytes, run_extraction
+
+    out = _json_stdout() if as_json else None
     opts = ExtractOptions(
         encoders=[e.strip() for e in encoders.split(",") if e.strip()], size=size, weights=weights, grid=grid,
         encoding=encoding, workers=workers, batch_size=batch_size, inflight_per_worker=inflight,
         retry_failed=retry_failed, ray_address=ray_address, device=device, allow_download=allow_download,
         samples_per_shard=samples_per_shard, decode_cpus=decode_cpus, worker_cpus=worker_cpus,
-        torch_threads=torch_threads,
+        torch_threads=torch_threads, stop_grace_s=stop_grace,
+        max_inflight_bytes=parse_bytes(max_inflight_bytes, "--max-inflight-bytes") if max_inflight_bytes else None,
     )
-    try:
-        summary = run_extraction(source, store, opts, console=Console(stderr=True), show_progress=not quiet)
-    except (SourceError, StoreError, ExtractError, WeightsError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    if as_json:
-        print(json.dumps(summary.to_json(), indent=2, default=str))
+    summary = run_extraction(source, store, opts, console=Console(stderr=True), show_progress=not quiet)
+    if out is not None:
+        out.write(json.dumps(summary.to_json(), indent=2, default=str) + "\n")
+        out.flush()
     else:
         for sid, reason in list(summary.failed.items())[:20]:
-            console.print(f"[yellow]failed[/] {sid}: {reason}", markup=True, highlight=False)
+            console.print(f"[yellow]failed[/] {escape(sid)}: {escape(reason)}", highlight=False, soft_wrap=True)
         if len(summary.failed) > 20:
             console.print(f"... and {len(summary.failed) - 20} more failures (see `merv store info {store}`)")
-        for shard, reason in summary.unfinished.items():
-            console.print(f"[red]not written[/] {shard}: {reason}", highlight=False)
-        console.print(summary.line(), highlight=False)
+        for shard, reason in list(summary.unfinished.items())[:20]:
+            console.print(f"[red]not written[/] {shard}: {escape(reason)}", highlight=False, soft_wrap=True)
+        console.print(summary.line(), highlight=False, soft_wrap=True, markup=False)
+    if summary.stopped:
+        import signal
+
+        raise typer.Exit(128 + int(signal.Signals[summary.stopped]))
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -215,10 +238,7 @@ def model_info_cmd(
     """Parameters per component and analytic FLOPs per sample, from a meta-device build (no weights)."""
     from merv.pipelines.recipes import get_recipe
 
-    try:
-        report = get_recipe(recipe).report(seq_len=seq_len).to_dict()
-    except (KeyError, ValueError) as exc:
-        _fail(str(exc.args[0]) if exc.args else str(exc))
+    report = get_recipe(recipe).report(seq_len=seq_len).to_dict()
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -259,7 +279,15 @@ def train_cmd(
     max_length: Optional[int] = typer.Option(None, help="truncate conversations to this many tokens"),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(0, help="checkpoint every N steps (always at the end)"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the run directory's latest checkpoint"),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue the run in --out from its latest checkpoint (verified; falls back to the newest "
+                                "intact one and says so); refuse when there is none"),
+    resume_auto: bool = typer.Option(
+        False, "--resume-auto", help="like --resume, but start fresh when --out has no checkpoint yet (one command for "
+                                     "the first start and every restart of a preemptible job)"),
+    allow_config_change: bool = typer.Option(
+        False, "--allow-config-change", help="resume although model, data-order or optimisation settings differ from "
+                                             "the checkpoint's (the changes are recorded in the run)"),
     online: bool = typer.Option(False, "--online", help="decode + encode in the loop instead of reading the store (baseline)"),
     num_workers: int = typer.Option(0, help="DataLoader workers reading the store"),
     nproc: int = typer.Option(1, help="processes on this node (launches torchrun); or run under torchrun yourself"),
@@ -270,24 +298,29 @@ def train_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Train connector (+ LLM) from cached features with FSDP; one process, or torchrun for several."""
-    from merv.train.trainer import TrainConfig, TrainConfigError, train
+    from merv.train.trainer import TrainConfig, TrainingStopped, train
 
     config = TrainConfig(
         data=data, stores=store, recipe=recipe, stage=stage, out_dir=out, encoders=_csv(encoders), projector=projector,
         tokens_per_frame=tokens_per_frame, fusion=fusion, llm=llm, init_from=init_from,
         global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, lr=lr, epochs=epochs,
-        max_steps=max_steps, max_length=max_length, seed=seed, checkpoint_every=checkpoint_every, resume=resume,
+        max_steps=max_steps, max_length=max_length, seed=seed, checkpoint_every=checkpoint_every,
+        resume="auto" if resume_auto else resume, allow_config_change=allow_config_change,
         online=online, num_workers=num_workers, allow_missing=allow_missing, join_key=join_key, device=device,
         export=not no_export, progress=not quiet,
     )
     if nproc > 1:
         from merv.train.launch import launch_torchrun
 
-        raise typer.Exit(launch_torchrun(config, nproc))
+        try:
+            code = launch_torchrun(config, nproc)
+        except TrainingStopped as exc:
+            _fail(str(exc), code=exc.exit_code)
+        raise typer.Exit(code)
     try:
         summary = train(config)
-    except (TrainConfigError, ValueError, FileNotFoundError, KeyError) as exc:
-        _fail(str(exc))
+    except TrainingStopped as exc:  # SIGTERM / SIGINT: one line, exit status 128 + signal
+        _fail(str(exc), code=exc.exit_code)
     console.print(f"run directory: {out} ({summary['steps']} steps; export: {summary.get('export', 'skipped')})")
 
 
@@ -304,16 +337,11 @@ def eval_cmd(
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
 ) -> None:
     """Evaluate a checkpoint on MCQ / open-ended benchmarks from cached features (shard with torchrun)."""
-    import os
-
-    from merv.pipelines.evaluate import EvalError, evaluate
+    from merv.pipelines.evaluate import evaluate
     from merv.pipelines.scoring import JudgeClient
 
     judge = JudgeClient(judge_url, model=judge_model, api_key=os.environ.get("OPENAI_API_KEY")) if judge_url else None
-    try:
-        result = evaluate(checkpoint, benchmarks, store, out, mode=mode, judge=judge, batch_size=batch_size, device=device)
-    except (EvalError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+    result = evaluate(checkpoint, benchmarks, store, out, mode=mode, judge=judge, batch_size=batch_size, device=device)
     if result is None:
         console.print(f"rank done; after all ranks finish run: merv eval-finalize {out}")
         return
@@ -335,12 +363,9 @@ def eval_manifest_cmd(benchmark: str = typer.Argument(..., help="eval_data direc
                       out: str = typer.Argument(..., help="manifest JSONL to write (input of `merv extract`)"),
                       video_dir: Optional[str] = typer.Option(None, help="where the benchmark's videos are")) -> None:
     """Write the extraction manifest of a benchmark's videos (with their clip windows)."""
-    from merv.pipelines.evaluate import EvalError, write_eval_manifest
+    from merv.pipelines.evaluate import write_eval_manifest
 
-    try:
-        path = write_eval_manifest(benchmark, out, video_dir=video_dir)
-    except (EvalError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    path = write_eval_manifest(benchmark, out, video_dir=video_dir)
     console.print(f"wrote {path}; next: merv extract {path} --store EVAL_STORE")
 
 
@@ -354,33 +379,39 @@ def analyze_cmd(
     """Fusion-weight distribution, top videos per encoder, accuracy per skill (PNG)."""
     from merv.pipelines.analysis import plot_all
 
-    others = dict(c.split("=", 1) for c in compare) if compare else None
-    written = plot_all(predictions, out, sources=sources, compare=others)
+    written = plot_all(predictions, out, sources=sources, compare=_labelled(compare, "--compare") or None)
     for name, path in written.items():
         console.print(f"{name}: {path}")
 
 
+def _labelled(values: list[str], flag: str) -> dict[str, str]:
+    """LABEL=PATH option values as a dict; a value without a label is the user's to fix."""
+    pairs = {}
+    for value in values:
+        label, sep, path = value.partition("=")
+        if not (sep and label and path):
+            _fail(f"{flag} {value!r}: expected LABEL=PATH, e.g. {flag} baseline=runs/eval/msvd/generate")
+        pairs[label] = path
+    return pairs
+
+
 @app.command("generate")
 def generate_cmd(
-    video: str = typer.Argument(..., help="video or image file"),
+    video: str = typer.Argument(..., help="video or image file (path or fsspec URL)"),
     question: str = typer.Argument(..., help="question about it"),
     checkpoint: str = typer.Option(..., "--checkpoint", help="export directory of `merv train`"),
-    size: Optional[str] = typer.Option(None, help="encoder size (default: the checkpoint recipe's)"),
-    max_new_tokens: int = typer.Option(64),
+    size: Optional[str] = typer.Option(None, help="encoder size: paper | small | tiny (default: the checkpoint recipe's)"),
+    weights: Optional[str] = typer.Option(None, help="directory with the encoders' weights (else the HF cache, offline)"),
+    allow_download: bool = typer.Option(False, "--allow-download", help="let missing encoder weights be fetched from the Hub"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="answer length limit in tokens (default: the model's)"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Answer a question about a raw video: online decoding + encoders + the trained model."""
-    from merv.pipelines.recipes import RECIPES
-    from merv.train.checkpoint_io import load_merv, read_merv_config
-    from merv.train.online import OnlineEncoders
+    from merv.pipelines.generate import GenerateOptions, answer_video
 
-    cfg = read_merv_config(checkpoint)
-    recipe = RECIPES.get(str(cfg.get("extra", {}).get("recipe")))
-    model = load_merv(checkpoint, device=device)
-    encoders = OnlineEncoders(model.connector.specs, size=size or (recipe.size if recipe else "paper"),
-                              weights=recipe.encoder_weights if recipe and not size else None, device=device)
-    out = model.generate_from_video(video, question=question, encoders=encoders, max_new_tokens=max_new_tokens)
-    print(out.text)
+    opts = GenerateOptions(size=size, weights=weights, allow_download=allow_download, device=device,
+                           max_new_tokens=max_new_tokens)
+    print(answer_video(checkpoint, video, question, opts))
 
 
 @app.command("ablate")
@@ -402,11 +433,12 @@ def demo_cmd(
     videos: int = typer.Option(200, help="synthetic videos (80% train, 20% held out)"),
     steps: int = typer.Option(300, help="training steps"),
     seed: int = typer.Option(0),
+    force: bool = typer.Option(False, "--force", help="replace --out even if `merv demo` did not make it"),
 ) -> None:
     """Synthetic video QA -> extract (tiny encoders, Ray) -> train from cache -> evaluate -> plots."""
     from merv.pipelines.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=out, videos=videos, steps=steps, seed=seed), console=console)
+    run_demo(DemoConfig(out=out, videos=videos, steps=steps, seed=seed, force=force), console=console)
 
 
 @app.command("roundtrip")

@@ -110,6 +110,7 @@ def run_mode(mode: str, args: argparse.Namespace, data: Path, store: Path, work:
         stage=args.stage, llm=args.llm, epochs=None, online=mode == "online", num_workers=args.workers if mode == "cached" else 0,
         export=False, tensorboard=False, progress=False, device=args.device, seed=0,
     )
+    shutil.rmtree(config.out_dir, ignore_errors=True)  # a scratch run: a reused --out must not resume it
     feature_fn = InMemoryFeatures() if mode == "floor" else None
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON report

@@ -3,40 +3,62 @@
 Embedded by default (a fresh local Ray session in-process); on a cluster with `--ray-address`,
 `RAY_ADDRESS`, or under `ray job submit` (which sets RAY_ADDRESS). Nothing else changes.
 
-Flow control: the driver keeps at most `inflight_per_worker` shards per actor submitted (their
-decode tasks included), so objects in flight stay bounded whatever the manifest size. Faults:
-a sample that fails to decode or encode is recorded in its shard's commit; an actor process that
-dies is restarted by Ray and its shard retried (shards are rewritten whole, so a retry is
-harmless); a killed job leaves uncommitted shards, which the next run's plan redoes.
+Flow control is by bytes, not shards: a shard holds as many samples as its *features* fit in
+~128 MiB, which says nothing about decoded frames (a 720p clip decodes to ~88 MB). The driver
+streams each open shard through its actor in batches and submits a decode only while the bytes
+of decoded frames alive (decoding, waiting, being encoded) stay under `max_inflight_bytes`
+(default: a fraction of Ray's object store), so a manifest of any size or resolution holds a
+bounded amount in flight and nothing is spilled. Faults: a sample that fails to decode or encode
+is recorded in its shard's commit; an actor that dies is restarted by Ray and its open shards are
+redone from their decodes; a killed job leaves uncommitted shards, which the next run's plan
+redoes. SIGINT / SIGTERM stop submitting, let shards whose samples are all decoded commit (within
+`stop_grace_s`), abandon the rest and report what is left; a dead Ray node ends the job with a
+clear error instead of a hang.
 """
 
 from __future__ import annotations
 
-import logging
 import os
+import re
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from merv import MervError
-from merv.store import FeatureStore, parse_grid
+from merv.store import FeatureStore, LeaseLostError, parse_grid
+from merv.store.group import lease_key
+from merv.store.lease import DEFAULT_TTL_S, HEARTBEATS_PER_TTL, HeldBy, Lease, default_owner, try_acquire_all
 
-from .plan import Plan, ShardJob, decode_frames, group_spec, plan_shards
+from .plan import Plan, ShardJob, decode_frames, group_spec, plan_shards, record_digest
+from .ray_runtime import (
+    ExtractError,
+    NodeHealth,
+    ObjectStoreMonitor,
+    StopSignals,
+    forwarded_env,
+    init_ray,
+    object_store_capacity,
+    short_error,
+)
 from .sources import discover
-from .worker import Decoded, ShardEncoder, ShardResult, WorkerConfig, decode_sample
+from .worker import Decoded, ShardEncoder, ShardGrewError, ShardResult, WorkerConfig, decode_split
 
-FORWARD_ENV_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_HOME", "MERV_")
+__all__ = ["ExtractError", "ExtractOptions", "ExtractSummary", "init_ray", "prepare_store", "run_extraction"]
+
 MAX_ACTOR_REPLACEMENTS = 3  # per worker slot, after Ray's own restarts are used up
-
-
-class ExtractError(MervError, RuntimeError):
-    """The job cannot run at all (e.g. no worker can load the encoders); says why."""
+MAX_SHARD_ATTEMPTS = 3  # a shard whose actor died is redone at most this many times
+INFLIGHT_FRACTION = 0.25  # default byte budget: this share of the cluster's object store
+DECODES_PER_SLOT = 2  # decode tasks submitted per CPU slot: keeps decoders fed, bounds a mis-estimate
+WAIT_S = 0.5  # the scheduler wakes at least this often (signals, health, progress)
+# Ray frees unreferenced objects in batches, every `free_objects_period_milliseconds` (1 s by
+# default): an encoded batch's frames stay in the object store that long after the call returns,
+# so the budget keeps counting them for this long.
+FREE_LAG_S = 1.5
+RECHECK_S = 2.0  # how often shards held by another run are looked at again (committed? lease free?)
 
 
 @dataclass
@@ -59,6 +81,23 @@ class ExtractOptions:
     worker_cpus: float | None = None  # per actor; default 1 with GPUs, 0 on CPU-only clusters (see _layout)
     torch_threads: int | None = None  # per actor; default: the CPUs each actor may use
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the actors
+    max_inflight_bytes: int | None = None  # decoded frames alive at once; default INFLIGHT_FRACTION of the object store
+    stop_grace_s: float = 60.0  # after SIGINT / SIGTERM: how long shards with every sample decoded may finish
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int, option: str = "size") -> int:
+    """`4GiB`, `500MB`, `1.5g`, `123456` -> bytes (decimal units for KB/MB/GB, binary for KiB/...)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ExtractError(f"{option} {text!r}: expected a positive size such as 4GiB, 500MB or 2000000000")
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 @dataclass
@@ -74,19 +113,30 @@ class ExtractSummary:
     seconds: float = 0.0
     groups: dict[str, str] = field(default_factory=dict)
     workers: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None  # the signal that stopped the job (SIGINT / SIGTERM), if one did
+    by_other_runs: int = 0  # samples of planned shards that a concurrent run on the store committed
+    left: int = 0  # samples of the plan not committed by this run
+    inflight_budget_bytes: int = 0
+    peak_inflight_bytes: int = 0  # decoded frames alive at once, as the driver accounted them
+    object_store_peak_bytes: int | None = None  # Ray's object-store use, sampled
+    spilled_bytes: int | None = None  # spilled to disk by Ray during the job
 
     @property
     def ok(self) -> bool:
-        return not self.unfinished
+        return not self.unfinished and not self.stopped
 
     def line(self) -> str:
         rate = (self.extracted + len(self.failed)) / self.seconds if self.seconds else 0.0
         text = (f"extracted {self.extracted}, skipped {self.skipped} (already committed), failed {len(self.failed)}; "
                 f"{self.shards} shards, {self.bytes_written / 2**20:.2f} MiB written in {self.seconds:.1f}s "
                 f"({rate:.2f} videos/s)")
+        if self.by_other_runs:
+            text += f"; {self.by_other_runs} committed by another run on this store"
         if self.failed_before:
             text += f"; {len(self.failed_before)} failed in earlier runs (--retry-failed retries them)"
-        if self.unfinished:
+        if self.stopped:
+            text += f"; stopped by {self.stopped}: {self.left} samples left (re-run the same command to continue)"
+        elif self.unfinished:
             text += f"; {len(self.unfinished)} shards NOT written (re-run to retry)"
         return text
 
@@ -101,51 +151,6 @@ class _RateColumn(ProgressColumn):
 
 
 # ----------------------------------------------------------------------------------------- ray
-def _use_local_token() -> None:
-    """Ray >= 2.5x clusters use token auth whenever a token exists, but a client that is given an
-    explicit address only sends one when RAY_AUTH_MODE=token. Turn that on when this machine has
-    a token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and the user chose nothing."""
-    if os.environ.get("RAY_AUTH_MODE"):
-        return
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    if not (os.environ.get("RAY_AUTH_TOKEN") or (os.path.isfile(path) and os.path.getsize(path))):
-        return
-    os.environ["RAY_AUTH_MODE"] = "token"
-    try:  # ray caches its config at import: refresh it, as ray's own CLI does
-        from ray._raylet import Config
-
-        Config.initialize("")
-    except (ImportError, AttributeError):  # pragma: no cover - other ray versions read the env at init
-        pass
-
-
-def init_ray(address: str | None) -> tuple[Any, bool]:
-    """(ray, started_here). Join the cluster at `address` (see `cluster_address`: the option or
-    RAY_ADDRESS, which `ray job submit` sets), else start a fresh local session; reuse a session
-    this process already has."""
-    import ray
-
-    if ray.is_initialized():
-        return ray, False
-    if address:
-        _use_local_token()
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        except ConnectionError as exc:
-            raise ExtractError(
-                f"cannot join the Ray cluster at {address!r} ({exc}). Is it running? With token auth (Ray's "
-                "default) this machine also needs the cluster's token: ~/.ray/auth_token, RAY_AUTH_TOKEN or "
-                "RAY_AUTH_TOKEN_PATH"
-            ) from exc
-    else:
-        # Ray announces its default token auth for every new local session: noise for a private one.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        # A private session on this machine: keep every Ray socket on loopback.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                 _node_ip_address="127.0.0.1")
-    return ray, True
-
-
 def _layout(ray: Any, opts: ExtractOptions) -> tuple[int, float, float, int]:
     """(workers, GPUs per worker, logical CPUs per worker, torch threads per worker).
 
@@ -171,20 +176,6 @@ def _layout(ray: Any, opts: ExtractOptions) -> tuple[int, float, float, int]:
     return workers, per_gpu, worker_cpus, threads
 
 
-def _forwarded_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
-    return {**env, **extra}
-
-
-def _short_error(exc: BaseException) -> str:
-    """The root cause of a Ray error in one line (Ray wraps it in tracebacks)."""
-    cause = getattr(exc, "cause", None) or exc.__cause__
-    if isinstance(cause, BaseException) and cause is not exc:
-        return f"{type(cause).__name__}: {cause}"[:1500]
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not set(ln.strip()) <= set("^~")]
-    return (lines[-1] if lines else type(exc).__name__)[:1500]
-
-
 # ----------------------------------------------------------------------------------------- store
 def _encoder_infos(names: list[str], size: str, weights: str | None) -> dict[str, Any]:
     """Encoder identities for the group fingerprints. Paper models are built on the meta device
@@ -194,8 +185,12 @@ def _encoder_infos(names: list[str], size: str, weights: str | None) -> dict[str
 
     unknown = [n for n in names if n not in ENCODERS]
     if unknown or not names:
-        raise ValueError(f"unknown encoder(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(ENCODERS)}")
-    return {n: build_encoder(n, size=size, weights=weights, meta=size == "paper").info for n in names}
+        raise ExtractError(f"--encoders: unknown encoder(s) {', '.join(unknown) or '(none given)'}; "
+                           f"known: {', '.join(ENCODERS)}")
+    try:
+        return {n: build_encoder(n, size=size, weights=weights, meta=size == "paper").info for n in names}
+    except ValueError as exc:  # the size variant (or a weights option) the encoder does not have
+        raise ExtractError(f"--size {size}: {exc}") from exc
 
 
 def cluster_address(opts: ExtractOptions) -> str | None:
@@ -220,12 +215,18 @@ def prepare_store(source: str | None, store_url: str, opts: ExtractOptions) -> t
     Returns the store, the requested group keys and the frame count every sample is decoded at.
     `source` None extracts what the store already lists (e.g. a new encoder for an existing store).
     """
-    pooled = parse_grid(opts.grid)
+    try:
+        pooled = parse_grid(opts.grid)
+    except ValueError as exc:
+        raise ExtractError(f"--grid {opts.grid!r}: {exc}; use HxW (8x8) or 'native'") from exc
     infos = _encoder_infos(opts.encoders, opts.size, opts.weights)
     if cluster_address(opts) is None:
         check_weights_here(infos, opts)
     frames = decode_frames([i.frames for i in infos.values()])
-    specs = [group_spec(infos[n], pooled, opts.encoding, frames) for n in opts.encoders]
+    try:
+        specs = [group_spec(infos[n], pooled, opts.encoding, frames) for n in opts.encoders]
+    except ValueError as exc:
+        raise ExtractError(f"--encoding {opts.encoding!r}: {exc}") from exc
     records = discover(source) if source is not None else []
     create: dict[str, Any] = {"grid": pooled,
                               "bytes_per_sample": {k: max(s.bytes_per_sample(k) for s in specs) for k in ("video", "image")}}
@@ -235,17 +236,22 @@ def prepare_store(source: str | None, store_url: str, opts: ExtractOptions) -> t
         create["samples_per_shard"] = opts.samples_per_shard
     store = FeatureStore.open_or_create(store_url, **create)
     if opts.samples_per_shard and set(store.meta.samples_per_shard.values()) != {opts.samples_per_shard}:
-        raise ValueError(f"store {store_url!r} has {store.meta.samples_per_shard} samples per shard; "
-                         f"--samples-per-shard {opts.samples_per_shard} cannot change an existing store")
-    store.add_samples(records)
-    keys = [store.ensure_group(s).key for s in specs]
+        raise ExtractError(f"store {store_url!r} has {store.meta.samples_per_shard} samples per shard; "
+                           f"--samples-per-shard {opts.samples_per_shard} cannot change an existing store")
+    with store.metadata_lock():  # a concurrent run on this store adds its samples before or after ours
+        try:
+            store.add_samples(records)
+        except ValueError as exc:  # an id already in the store for another video / window
+            raise ExtractError(str(exc)) from exc
+        keys = [store.ensure_group(s).key for s in specs]
     return store, keys, frames
 
 
 # ----------------------------------------------------------------------------------------- run
 def run_extraction(source: str | None, store_url: str, opts: ExtractOptions, console: Console | None = None,
                    show_progress: bool = True) -> ExtractSummary:
-    """Plan, then run every missing shard on Ray; returns what happened (also on partial failure)."""
+    """Plan, then run every missing shard on Ray; returns what happened (also on partial failure
+    and after a stop signal: `summary.stopped`)."""
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
     store, keys, frames = prepare_store(source, store_url, opts)
@@ -263,8 +269,46 @@ def run_extraction(source: str | None, store_url: str, opts: ExtractOptions, con
     return summary
 
 
+@dataclass
+class _OpenShard:
+    """A shard being extracted: its samples stream decode -> ready -> encode batch -> commit.
+
+    Invariant: `next_sample` samples were submitted for decoding; of those, `decoding` are being
+    decoded, `ready` wait for a batch, `encoding` are in encode calls, and `encoded` are done."""
+
+    job: ShardJob
+    slot: int
+    attempt: int
+    ids: list[str]
+    sources: list[tuple[str, tuple[float | None, float | None, int | None]]]
+    next_sample: int = 0
+    decoding: int = 0
+    ready: list[tuple[Decoded, Any]] = field(default_factory=list)  # (description, frames ref)
+    ready_bytes: int = 0
+    encoding: int = 0
+    encoded: int = 0
+    committing: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+    @property
+    def all_submitted(self) -> bool:
+        return self.next_sample == self.size
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.job.kind, self.job.shard)
+
+
 class _Run:
-    """One execution of a plan: actors, decode tasks, bounded submission, result accounting."""
+    """One execution of a plan: actors, decode tasks, the byte budget, result accounting.
+
+    The driver's loop is the only place that submits work, so every bound is enforced in one
+    place: open shards per actor (`inflight_per_worker`: bounds the actors' feature buffers),
+    decoded bytes alive (`max_inflight_bytes`), decode tasks submitted (DECODES_PER_SLOT per CPU
+    slot: a decode not yet running holds no memory, so this only bounds a mis-estimate)."""
 
     def __init__(self, ray: Any, store: FeatureStore, plan: Plan, frames: int, opts: ExtractOptions,
                  summary: ExtractSummary) -> None:
@@ -277,19 +321,42 @@ class _Run:
             tuple(store.meta.grid) if store.meta.grid else None, opts.batch_size, opts.device,  # type: ignore[arg-type]
             opts.allow_download, torch_threads=threads,
         )
-        env = _forwarded_env(opts.env)
+        env = forwarded_env(opts.env)
         if not gpus:
             # Encoder threads share the cores with decode tasks: idle OpenMP threads must sleep,
             # not spin at barriers (spinning threads steal the decoders' CPU; see the benchmark).
-            env.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Calls made while an actor restarts are replayed on the new process; a shard whose
+        # buffered features died with the old one is then caught at commit and redone (see _redo).
         options: dict[str, Any] = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=3, max_task_retries=3,
                                        scheduling_strategy="SPREAD")
         if env:
             options["runtime_env"] = {"env_vars": env}
         self.actor_cls = ray.remote(_ExtractActor).options(**options)
-        self.decode = ray.remote(decode_sample).options(num_cpus=opts.decode_cpus, max_retries=3)
+        self.decode = ray.remote(decode_split).options(num_cpus=opts.decode_cpus, max_retries=3, num_returns=2)
         self.actors = [self._start_actor() for _ in range(workers)]
         self.replaced = [0] * workers
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
+        self.decode_cap = max(1, DECODES_PER_SLOT * int(cluster_cpus // max(opts.decode_cpus, 1e-3)))
+        capacity = object_store_capacity(ray)
+        self.budget = int(opts.max_inflight_bytes or max(1, INFLIGHT_FRACTION * capacity))
+        summary.inflight_budget_bytes = self.budget
+        # scheduler state
+        self.pending: deque[tuple[ShardJob, int]] = deque((job, 1) for job in plan.jobs)
+        self.open: list[_OpenShard] = []
+        self.waiting: dict[Any, tuple[str, _OpenShard, Any]] = {}  # ref -> (what, shard, detail)
+        self.decodes = 0  # decode tasks submitted and not yet described
+        self.held = 0  # bytes reserved for decoded frames alive (estimates until a decode reports)
+        self.committed = 0  # samples of shards committed by this run
+        # one writer per shard across concurrent runs on this store: a lease per (group, shard)
+        self.owner = default_owner()
+        self.leases: dict[tuple[str, int], dict[str, Lease]] = {}  # open shard -> group key -> lease
+        self.deferred: list[tuple[ShardJob, int, float]] = []  # (job, attempt, when to look again)
+        self.next_beat = time.monotonic() + DEFAULT_TTL_S / HEARTBEATS_PER_TTL
+        self.releasing: deque[tuple[float, int]] = deque()  # (when Ray has freed them, bytes) of encoded batches
+        self.estimate: dict[str, int] = {}  # largest decoded sample seen, per kind
+        self.progress: Any = None
+        self.bar: Any = None
 
     def _start_actor(self) -> Any:
         return self.actor_cls.remote(self.config, self.store.url)
@@ -299,63 +366,314 @@ class _Run:
         try:
             self.summary.workers = self.ray.get([a.ready.remote() for a in self.actors])
         except self.ray.exceptions.RayError as exc:
-            raise ExtractError(f"extraction workers could not start: {_short_error(exc)}") from exc
+            raise ExtractError(f"extraction workers could not start: {short_error(exc)}") from exc
 
-    def _submit(self, job: ShardJob, actor: Any) -> Any:
-        idx = self.table.indices_of_rows(job.kind, range(*job.rows))
-        refs = []
-        for i, row in zip(idx, range(*job.rows)):
-            rec = self.table.record(int(i))
-            refs.append(self.decode.remote(rec.source, (rec.start, rec.end, rec.end_frame), row, self.frames))
-        ids = [self.table.ids[int(i)] for i in idx]
-        return actor.process.remote(job.kind, job.shard, list(job.group_keys), ids, *refs)
-
-    def execute(self, console: Console, show_progress: bool) -> None:
-        ray, limit = self.ray, max(1, self.opts.inflight_per_worker)
-        pending = deque(self.plan.jobs)
-        inflight: dict[Any, tuple[ShardJob, int]] = {}
-        load = [0] * len(self.actors)
+    # ------------------------------------------------------------------------------ the loop
+    def execute(self, console: Console | None, show_progress: bool) -> None:
         progress = Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                            TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not show_progress)
+                            TextColumn("eta"), TimeRemainingColumn(), console=console,
+                            disable=not show_progress or console is None)
+        health = NodeHealth(self.ray)
+        monitor = ObjectStoreMonitor(self.ray)
         try:
-            self._check_actors()
-            with progress:
-                bar = progress.add_task("extract", total=self.plan.samples)
-                while pending or inflight:
-                    for slot, actor in enumerate(self.actors):
-                        while pending and load[slot] < limit:
-                            job = pending.popleft()
-                            inflight[self._submit(job, actor)] = (job, slot)
-                            load[slot] += 1
-                    done, _ = ray.wait(list(inflight), num_returns=1)
-                    for ref in done:
-                        job, slot = inflight.pop(ref)
-                        load[slot] -= 1
-                        self._account(ref, job, slot)
-                        progress.advance(bar, job.size)
+            with StopSignals() as stop, monitor.running():
+                self._check_actors()
+                with progress:
+                    self.progress, self.bar = progress, progress.add_task("extract", total=self.plan.samples)
+                    self._loop(stop, health)
         finally:
+            self.summary.object_store_peak_bytes = monitor.use.peak_bytes
+            self.summary.spilled_bytes = monitor.use.spilled_bytes
+            self.summary.left = self.plan.samples - self.committed - self.summary.by_other_runs
+            for leases in self.leases.values():
+                self._release(leases)
+            if not self.summary.stopped:
+                for shard in self.open:
+                    self.summary.unfinished.setdefault(f"{shard.job.kind} shard {shard.job.shard}", "not finished")
             for actor in self.actors:
-                ray.kill(actor)
+                try:
+                    self.ray.kill(actor)
+                except Exception:  # noqa: BLE001 - the runtime may be gone already
+                    pass
 
-    def _account(self, ref: Any, job: ShardJob, slot: int) -> None:
-        summary = self.summary
+    def _loop(self, stop: StopSignals, health: NodeHealth) -> None:
+        deadline: float | None = None
+        while self.pending or self.open or self.deferred:
+            dead = health.dead()
+            if dead:
+                raise ExtractError(f"{dead}: the Ray runtime under this job died. Committed shards are kept; "
+                                   "re-run the same `merv extract` command to continue")
+            if stop.requested and deadline is None:
+                self.summary.stopped = stop.name
+                deadline = time.monotonic() + self.opts.stop_grace_s
+                self._stop_accepting()
+            if deadline is not None and (len(stop.received) > 1 or time.monotonic() > deadline):
+                for shard in list(self.open):
+                    self._drop(shard, f"stopped by {self.summary.stopped} before it was written")
+                break
+            self._release_freed()
+            self._keep_leases()
+            if deadline is None:
+                self._recheck_deferred()
+                self._open_shards()
+                self._submit_decodes()
+            self._submit_batches()
+            if not self.waiting:  # cannot happen with open shards (something is always submittable)
+                time.sleep(WAIT_S)
+                continue
+            done, _ = self.ray.wait(list(self.waiting), num_returns=1, timeout=WAIT_S)
+            if done:  # take everything finished by now, not one at a time
+                done, _ = self.ray.wait(list(self.waiting), num_returns=len(self.waiting), timeout=0)
+            for ref in done:
+                entry = self.waiting.pop(ref, None)
+                if entry is not None:
+                    getattr(self, f"_on_{entry[0]}")(ref, entry[1], entry[2])
+            if done and self.progress is not None:  # encoded samples count: a big shard moves the bar too
+                self.progress.update(self.bar, completed=self.committed + sum(s.encoded for s in self.open))
+
+    def _stop_accepting(self) -> None:
+        """First stop signal: nothing new starts; shards still waiting for decodes are abandoned
+        (they could take arbitrarily long), shards whose samples are all decoded may finish."""
+        self.pending.clear()
+        self.deferred.clear()
+        for shard in list(self.open):
+            if not shard.all_submitted:
+                self._drop(shard, f"stopped by {self.summary.stopped} before it was written")
+
+    # ------------------------------------------------------------------------------ submitting
+    def _open_shards(self) -> None:
+        per_actor = max(1, self.opts.inflight_per_worker)
+        for slot in range(len(self.actors)):
+            while self.pending and sum(s.slot == slot for s in self.open) < per_actor:
+                job, attempt = self.pending.popleft()
+                claimed = self._claim(job, attempt)
+                if claimed is None:
+                    continue
+                job = claimed
+                idx = self.table.indices_of_rows(job.kind, range(*job.rows))
+                records = [self.table.record(int(i)) for i in idx]
+                self.open.append(_OpenShard(job, slot, attempt, [r.id for r in records],
+                                            [(r.source, (r.start, r.end, r.end_frame)) for r in records]))
+
+    # ------------------------------------------------------------------------------ leases
+    def _claim(self, job: ShardJob, attempt: int) -> ShardJob | None:
+        """Take the write lease of the shard in every group the job writes (all or none), then
+        drop the groups another run committed meanwhile. None: the shard is held by another run
+        (looked at again later) or was finished by one."""
+        kind, shard = job.kind, job.shard
+        groups = [self.store.group(k) for k in job.group_keys]
+        rows = groups[0].shard_range(kind, shard, fresh=True)
+        if (rows.start, rows.stop) != job.rows:  # another run appended samples to this (last) shard
+            self.store.refresh()
+            self.table = self.store.samples
+            groups = [self.store.group(k) for k in job.group_keys]
+            job = replace(job, rows=(rows.start, rows.stop))
+        got = try_acquire_all([(g.kv, lease_key(kind, shard)) for g in groups], owner=self.owner)
+        if isinstance(got, HeldBy):
+            self.deferred.append((job, attempt, time.monotonic() + RECHECK_S))
+            return None
+        todo: dict[str, Lease] = {}
+        seen = dict(zip(job.group_keys, job.seen))
+        for group, lease in zip(groups, got):
+            if _committed_since(group, kind, shard, seen.get(group.key, "")):
+                lease.release()
+            else:
+                todo[group.key] = lease
+        if not todo:
+            self.summary.by_other_runs += job.size
+            return None
+        self.leases[(kind, shard)] = todo
+        return replace(job, group_keys=tuple(todo), seen=tuple(seen.get(k, "") for k in todo))
+
+    def _recheck_deferred(self) -> None:
+        now = time.monotonic()
+        due = [d for d in self.deferred if d[2] <= now]
+        for item in due:
+            self.deferred.remove(item)
+            self.pending.append(item[:2])
+
+    def _keep_leases(self) -> None:
+        """Heartbeat every held lease a few times per ttl; a shard whose lease was lost (this
+        driver stalled past the ttl and another run took over) is given up to that run."""
+        if time.monotonic() < self.next_beat:
+            return
+        self.next_beat = time.monotonic() + DEFAULT_TTL_S / HEARTBEATS_PER_TTL
+        for key, leases in list(self.leases.items()):
+            try:
+                for lease in leases.values():
+                    lease.heartbeat()
+            except LeaseLostError:
+                shard = next(s for s in self.open if s.key == key)
+                self._drop(shard, "its lease was taken over by another run on this store (that run writes it)")
+            except OSError:
+                continue  # a network blip: the next beat is still well within the ttl
+
+    @staticmethod
+    def _release(leases: dict[str, Lease]) -> None:
+        for lease in leases.values():
+            try:
+                lease.release()
+            except Exception:  # noqa: BLE001 - an unreleased lease only expires later
+                pass
+
+    def _cost(self, kind: str) -> int | None:
+        """Bytes to reserve for one more decode of `kind`: the largest sample of that kind seen so
+        far; None while none has been decoded (then a single probe decode runs)."""
+        return self.estimate.get(kind)
+
+    def _submit_decodes(self) -> None:
+        """Round-robin over actors, oldest open shard first within each: every actor gets work
+        and batches fill up shard by shard."""
+        progressed = True
+        while progressed and self.decodes < self.decode_cap:
+            progressed = False
+            for slot in range(len(self.actors)):
+                shard = next((s for s in self.open if s.slot == slot and not s.all_submitted), None)
+                if shard is None or self.decodes >= self.decode_cap:
+                    continue
+                cost = self._cost(shard.job.kind)
+                if cost is None:  # no sample of this kind decoded yet: one probe at a time
+                    if any(what == "decode" and s.job.kind == shard.job.kind for what, s, _ in self.waiting.values()):
+                        continue
+                elif self.held + cost > self.budget and self.held > 0:
+                    return  # over budget (a single sample larger than the budget still runs alone)
+                self._submit_decode(shard, cost)
+                progressed = True
+
+    def _submit_decode(self, shard: _OpenShard, cost: int | None) -> None:
+        i = shard.next_sample
+        source, window = shard.sources[i]
+        row = shard.job.rows[0] + i
+        meta_ref, frames_ref = self.decode.remote(source, window, row, self.frames)
+        self.waiting[meta_ref] = ("decode", shard, (frames_ref, cost, row))
+        shard.next_sample += 1
+        shard.decoding += 1
+        self.decodes += 1
+        self.held += cost or 0
+        self._track_peak()
+
+    def _submit_batches(self) -> None:
+        """A batch goes to the shard's actor when full, or when the shard can get no more samples
+        soon (all submitted, or none decoding: then waiting could only deadlock the budget)."""
+        batch = max(1, self.opts.batch_size)
+        for shard in self.open:
+            while len(shard.ready) >= batch or (shard.ready and shard.decoding == 0):
+                items, shard.ready = shard.ready[:batch], shard.ready[batch:]
+                nbytes = sum(d.nbytes for d, _ in items)
+                shard.ready_bytes -= nbytes
+                ref = self.actors[shard.slot].encode_batch.remote(
+                    shard.job.kind, shard.job.shard, list(shard.job.group_keys), [d for d, _ in items],
+                    *[f for _, f in items])
+                self.waiting[ref] = ("encode", shard, (len(items), nbytes))
+                shard.encoding += len(items)
+            if shard.encoded == shard.size and not shard.committing:
+                states = {k: lease.state for k, lease in self.leases[shard.key].items()}
+                ref = self.actors[shard.slot].commit.remote(shard.job.kind, shard.job.shard, shard.ids,
+                                                             shard.job.rows[0], states)
+                self.waiting[ref] = ("commit", shard, None)
+                shard.committing = True
+
+    def _release_freed(self) -> None:
+        now = time.monotonic()
+        while self.releasing and self.releasing[0][0] <= now:
+            self.held -= self.releasing.popleft()[1]
+
+    def _track_peak(self) -> None:
+        self.summary.peak_inflight_bytes = max(self.summary.peak_inflight_bytes, self.held)
+
+    # ------------------------------------------------------------------------------ results
+    def _on_decode(self, ref: Any, shard: _OpenShard, detail: Any) -> None:
+        frames_ref, cost, row = detail
+        shard.decoding -= 1
+        self.decodes -= 1
+        try:
+            decoded: Decoded = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:  # the decode worker itself died (Ray's retries spent)
+            decoded = Decoded(row, None, error=f"decode task failed: {short_error(exc)}")
+        kind = shard.job.kind
+        if decoded.nbytes:
+            self.estimate[kind] = max(self.estimate.get(kind, 0), decoded.nbytes)
+        self.held += decoded.nbytes - (cost or 0)
+        self._track_peak()
+        shard.ready.append((decoded, None if decoded.error else frames_ref))
+        shard.ready_bytes += decoded.nbytes
+
+    def _on_encode(self, ref: Any, shard: _OpenShard, detail: Any) -> None:
+        count, nbytes = detail
+        self.releasing.append((time.monotonic() + FREE_LAG_S, nbytes))
+        shard.encoding -= count
+        try:
+            self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            self._redo(shard, exc)
+            return
+        shard.encoded += count
+
+    def _on_commit(self, ref: Any, shard: _OpenShard, _detail: Any) -> None:
         try:
             result: ShardResult = self.ray.get(ref)
         except self.ray.exceptions.RayError as exc:
-            # Ray's own retries are spent: leave the shard uncommitted for the next run.
-            summary.unfinished[f"{job.kind} shard {job.shard}"] = _short_error(exc)
-            if isinstance(exc, self.ray.exceptions.ActorDiedError) and self.replaced[slot] < MAX_ACTOR_REPLACEMENTS:
-                self.replaced[slot] += 1
-                self.actors[slot] = self._start_actor()
+            self._redo(shard, exc)
             return
+        self.open.remove(shard)
+        self._release(self.leases.pop(shard.key, {}))
+        self.committed += shard.size
+        summary = self.summary
         summary.shards += 1
         summary.extracted += result.samples - len(result.failed)
         summary.failed.update(result.failed)
         summary.bytes_written += result.bytes_written
 
+    # ------------------------------------------------------------------------------ faults
+    def _drop(self, shard: _OpenShard, why: str) -> None:
+        """Give a shard up: forget its work in flight, free its budget; nothing is committed."""
+        later = time.monotonic() + FREE_LAG_S  # dropped objects are freed like encoded ones
+        for ref, (what, owner, detail) in list(self.waiting.items()):
+            if owner is shard:
+                del self.waiting[ref]
+                if what == "decode":
+                    self.decodes -= 1
+                    self.releasing.append((later, detail[1] or 0))
+                elif what == "encode":
+                    self.releasing.append((later, detail[1]))
+        self.releasing.append((later, shard.ready_bytes))
+        shard.ready, shard.ready_bytes = [], 0
+        if shard in self.open:
+            self.open.remove(shard)
+        self._release(self.leases.pop(shard.key, {}))
+        try:
+            self.actors[shard.slot].abandon.remote(shard.job.kind, shard.job.shard)
+        except Exception:  # noqa: BLE001 - a dead actor has nothing to forget
+            pass
+        self.summary.unfinished[f"{shard.job.kind} shard {shard.job.shard}"] = why
+
+    def _redo(self, shard: _OpenShard, exc: BaseException) -> None:
+        """An encode or commit failed (its actor died or restarted): redo the whole shard, from its
+        decodes, up to MAX_SHARD_ATTEMPTS times; after Ray's own restarts are spent, replace the
+        actor."""
+        why = short_error(exc)
+        self._drop(shard, why)
+        if isinstance(getattr(exc, "cause", None), LeaseLostError):
+            return  # another run owns the shard now; it stays in `unfinished` for this run
+        if isinstance(getattr(exc, "cause", None), ShardGrewError):
+            shard.attempt -= 1  # not a fault: the shard is re-read (see _claim) and done again
+        if isinstance(exc, self.ray.exceptions.ActorDiedError) and self.replaced[shard.slot] < MAX_ACTOR_REPLACEMENTS:
+            self.replaced[shard.slot] += 1
+            self.actors[shard.slot] = self._start_actor()
+        if shard.attempt < MAX_SHARD_ATTEMPTS and not self.summary.stopped:
+            del self.summary.unfinished[f"{shard.job.kind} shard {shard.job.shard}"]
+            self.pending.appendleft((shard.job, shard.attempt + 1))
+
+
+def _committed_since(group: Any, kind: str, shard: int, seen: str) -> bool:
+    """The shard holds a valid commit record other than the one the plan saw (digest `seen`):
+    another run committed it after this run planned (also what --retry-failed must not redo)."""
+    record = group.commits_of(kind, [shard]).get(shard)
+    return record is not None and record_digest(record) != seen
+
 
 class _ExtractActor:
-    """Ray actor: loads the encoders once, then processes whole shards."""
+    """Ray actor: loads the encoders once, then encodes shards batch by batch and writes them."""
 
     def __init__(self, config: WorkerConfig, store_url: str) -> None:
         self.encoder = ShardEncoder(config, store_url)
@@ -365,5 +683,18 @@ class _ExtractActor:
 
         return {"worker": self.encoder.worker, "device": str(self.encoder.device), "threads": torch.get_num_threads()}
 
+    def encode_batch(self, kind: str, shard: int, group_keys: list[str], decoded: list[Decoded],
+                     *frames: Any) -> int:
+        for d, f in zip(decoded, frames):
+            d.frames = f
+        return self.encoder.encode_batch(kind, shard, group_keys, decoded)
+
+    def commit(self, kind: str, shard: int, ids: list[str], start: int, leases: dict[str, Any]) -> ShardResult:
+        return self.encoder.commit(kind, shard, ids, start, leases)
+
+    def abandon(self, kind: str, shard: int) -> None:
+        self.encoder.abandon(kind, shard)
+
     def process(self, kind: str, shard: int, group_keys: list[str], ids: list[str], *decoded: Decoded) -> ShardResult:
+        """A whole shard from already decoded samples in one call (the benchmark's encode-only run)."""
         return self.encoder.process(kind, shard, group_keys, ids, list(decoded))

@@ -7,11 +7,12 @@ SIGKILL, or with a new encoder) redo exactly the missing shards and nothing else
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
 from dataclasses import dataclass, field
 from typing import Any
 
-from merv.store import KINDS, EncoderGroupSpec, FeatureStore
+from merv.store import KINDS, CommitRecord, EncoderGroupSpec, FeatureStore
 
 # Every sample is decoded once at this many frames (the most any MERV encoder takes: ViViT's 32)
 # and each encoder takes a uniform subsample, as the reference does (`video[::max // n]`).
@@ -28,6 +29,7 @@ class ShardJob:
     shard: int
     rows: tuple[int, int]  # [start, stop) rows of the kind's arrays
     group_keys: tuple[str, ...]
+    seen: tuple[str, ...] = ()  # per group key: digest of its commit record at plan time ("" for none)
 
     @property
     def size(self) -> int:
@@ -89,6 +91,11 @@ def group_spec(info: Any, pooled: tuple[int, int] | None, encoding: str, frames_
     )
 
 
+def record_digest(record: CommitRecord | None) -> str:
+    """Identity of a commit record: a different one than planned means another run committed."""
+    return "" if record is None else hashlib.sha256(record.to_bytes()).hexdigest()[:16]
+
+
 def plan_shards(store: FeatureStore, group_keys: list[str], retry_failed: bool = False) -> Plan:
     """Shards that some requested group has not committed (or committed with failures, when
     retrying). A shard is redone whole, only for the groups that miss it."""
@@ -103,17 +110,18 @@ def plan_shards(store: FeatureStore, group_keys: list[str], retry_failed: bool =
         commits = {g.key: g.commits(kind) for g in groups}
         for shard in range(groups[0].num_shards(kind)):
             rows = groups[0].shard_range(kind, shard)
-            need = []
+            need, seen = [], []
             failed: dict[str, str] = {}
             for g in groups:
                 rec = commits[g.key].get(shard)
                 if rec is None or (retry_failed and rec.failed):
                     need.append(g.key)
+                    seen.append(record_digest(rec))
                 elif rec.failed:
                     for row, reason in rec.failed.items():
                         failed.setdefault(row, reason)
             if need:
-                jobs.append(ShardJob(kind, shard, (rows.start, rows.stop), tuple(need)))
+                jobs.append(ShardJob(kind, shard, (rows.start, rows.stop), tuple(need), tuple(seen)))
                 continue
             skipped += len(rows)
             for row, reason in failed.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import io
 import json
 import os
 import re
@@ -74,9 +75,11 @@ def _absolute(path: str, base: Path) -> str:
     return os.path.abspath(path if os.path.isabs(path) else base / path)
 
 
-def _record(row: dict[str, Any], base: Path, where: str) -> SampleRecord:
+def _record(row: Any, base: Path, where: str) -> SampleRecord:
     from merv.store import SampleRecord
 
+    if not isinstance(row, dict):
+        raise SourceError(f"{where}: expected a JSON object with 'id' and 'path', got a {type(row).__name__}")
     path = _first(row, PATH_KEYS)
     if path is None:
         raise SourceError(f"{where}: no 'path' (or {', '.join(repr(k) for k in PATH_KEYS[1:])}) field")
@@ -96,23 +99,31 @@ def read_manifest(path: str | os.PathLike[str]) -> list[SampleRecord]:
     """CSV with a header, JSONL (one object per line) or a JSON list of objects.
 
     Fields: id, path (or video / image), optional kind, start, end (seconds), end_frame.
-    Relative paths are relative to the manifest's directory.
+    Relative paths are relative to the manifest's directory. A manifest without samples is an
+    error: an extraction of nothing is always a mistaken input.
     """
     p = Path(path)
     if not p.is_file():
         raise SourceError(f"manifest {str(p)!r} does not exist")
     base = p.parent
+    text = _manifest_text(p)
     if p.suffix.lower() == ".csv":
-        with p.open(newline="") as fh:
-            return [_record(row, base, f"{p}:{i}") for i, row in enumerate(csv.DictReader(fh), start=2)]
-    text = p.read_text()
-    if text.lstrip().startswith("["):
+        records = [_record(row, base, f"{p}:{i}") for i, row in enumerate(csv.DictReader(io.StringIO(text)), start=2)]
+    elif text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SourceError(f"{p}: not valid JSON ({exc.msg})") from exc
-        return [_record(row, base, f"{p}[{i}]") for i, row in enumerate(rows)]
-    records = []
+            raise SourceError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        records = [_record(row, base, f"{p}[{i}]") for i, row in enumerate(rows)]
+    else:
+        records = [_record(row, base, where) for row, where in _jsonl_rows(p, text)]
+    if not records:
+        raise SourceError(f"manifest {p} lists no samples; give one per line ({{\"id\": ..., \"path\": ...}})")
+    return records
+
+
+def _jsonl_rows(p: Path, text: str) -> Iterator[tuple[Any, str]]:
+    """(object, "file:line") of each non-blank JSONL line."""
     for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -120,10 +131,16 @@ def read_manifest(path: str | os.PathLike[str]) -> list[SampleRecord]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SourceError(f"{p}:{i}: not valid JSON ({exc.msg}); a JSONL manifest has one object per line") from exc
-        if not isinstance(row, dict):
-            raise SourceError(f"{p}:{i}: expected a JSON object, got {type(row).__name__}")
-        records.append(_record(row, base, f"{p}:{i}"))
-    return records
+        yield row, f"{p}:{i}"
+
+
+def _manifest_text(p: Path) -> str:
+    """A manifest's text; a file that is not UTF-8 is named (it is often a video or a tar given by mistake)."""
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"manifest {p} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                          "pass a UTF-8 .jsonl / .json / .csv manifest, a directory of videos or .tar shards") from exc
 
 
 def scan_directory(path: str | os.PathLike[str]) -> list[SampleRecord]:
@@ -188,7 +205,10 @@ def discover(source: str | os.PathLike[str]) -> list[SampleRecord]:
         if not tars:
             raise SourceError(f"{s!r} matches no files")
         return [r for t in tars for r in scan_tar(t)]
-    p = Path(s)
+    if "://" in s and not s.startswith("file://"):
+        raise SourceError(f"source {s!r}: manifests, directories and tars are read from local paths; copy it here "
+                          "(the videos a manifest lists may be fsspec URLs)")
+    p = Path(s.removeprefix("file://"))
     if p.is_dir():
         return scan_directory(p)
     if not p.exists():
@@ -209,6 +229,24 @@ def split_tar_source(source: str) -> tuple[str, str, int, int]:
     return tar_path, member, offset, size
 
 
+def _fetch(url: str) -> bytes:
+    """The bytes behind an fsspec URL; a missing backend, a missing object or an unreachable
+    endpoint becomes a `SourceError` naming the URL and the fix (network errors come from many
+    libraries: s3fs / botocore, aiohttp, gcsfs, ... so they are told apart by kind, not by type)."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as fh:
+            return fh.read()
+    except ImportError as exc:  # fsspec: "Install s3fs to access S3"
+        raise SourceError(f"{url}: {exc} (pip install it), or pass a local copy of the file") from exc
+    except FileNotFoundError as exc:
+        raise SourceError(f"{url}: no such object; check the URL") from exc
+    except Exception as exc:  # noqa: BLE001 - credentials, endpoint, permissions: all the user's to fix
+        raise SourceError(f"{url}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+                          "check the endpoint (AWS_ENDPOINT_URL), the credentials and the network") from exc
+
+
 @contextlib.contextmanager
 def local_file(source: str) -> Iterator[str]:
     """A local path for a sample's source. Decoders need a seekable file with the right suffix:
@@ -222,10 +260,7 @@ def local_file(source: str) -> Iterator[str]:
             raise SourceError(f"{tar_path!r}: member {member!r} is truncated ({len(data)} of {size} bytes)")
         suffix = os.path.splitext(member)[1]
     elif "://" in source and not source.startswith("file://"):
-        import fsspec
-
-        with fsspec.open(source, "rb") as fh:
-            data = fh.read()
+        data = _fetch(source)
         suffix = os.path.splitext(source)[1]
     else:
         yield source[len("file://"):] if source.startswith("file://") else source

@@ -195,6 +195,8 @@ def load_clip(
     _check_file(p)
     if p.suffix.lower() in IMAGE_SUFFIXES:
         return _load_image(p)
+    if _is_text(p):  # refused here: decord would print its own C++ error line for it first
+        raise NotAVideoError(p, "is a text file, not a video; pass a video file (mp4, mkv, webm, avi, ...) or an image")
     if backend not in ("auto", "decord", "pyav"):
         raise ValueError(f"backend must be auto, decord or pyav, not {backend!r}")
     args = dict(num_frames=num_frames, start=start, end=end, end_frame=end_frame, min_frames=min_frames)
@@ -252,7 +254,25 @@ def _plan(
     return idx
 
 
-_SIGNATURES = (b"ftyp", b"\x1a\x45\xdf\xa3", b"RIFF", b"GIF8", b"OggS", b"FLV", b"\x00\x00\x01\xba", b"moov", b"mdat")
+_SIGNATURES = (b"ftyp", b"\x1a\x45\xdf\xa3", b"RIFF", b"GIF8", b"OggS", b"FLV", b"\x00\x00\x01\xba", b"moov", b"mdat",
+               b"YUV4MPEG2")
+_TEXT_CONTROLS = frozenset(b"\t\n\r\f")
+
+
+def _is_text(p: Path, head_bytes: int = 256) -> bool:
+    """The file starts as UTF-8 text without control bytes (and no media signature): no container
+    is laid out so, so it is a text file named like a video (a manifest or a note given by mistake)."""
+    import codecs
+
+    with open(p, "rb") as fh:
+        head = fh.read(head_bytes)
+    if any(b < 0x20 and b not in _TEXT_CONTROLS for b in head) or _looks_like_media(p):
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut multi-byte tail is fine
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _looks_like_media(p: Path) -> bool:

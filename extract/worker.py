@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from merv.store import EncoderGroup
+    from merv.store.lease import LeaseState
 
 # Fault injection for the tests: when set to a path that does not exist yet, the first shard
 # written in any worker creates it and kills its process after writing one group (mid-shard).
@@ -43,6 +44,33 @@ class Decoded:
     backend: str = ""
     error: str | None = None
     seconds: float = 0.0
+    nbytes: int = 0  # bytes of `frames` (set by `decode_split`, which ships them separately)
+
+
+class ShardIncompleteError(RuntimeError):
+    """`commit` of a shard whose samples this actor has not all encoded: the actor restarted (its
+    buffer is gone) or a batch was lost. The driver redoes the shard from its decodes."""
+
+
+class ShardGrewError(ShardIncompleteError):
+    """The store's last shard gained rows (a concurrent run added samples) since it was planned:
+    the driver re-reads the shard's rows and redoes it."""
+
+
+@dataclass
+class _ShardBuffer:
+    """Features of a shard being encoded batch by batch, kept until the whole shard is written.
+
+    fp16 / bitround groups keep float16 (what is stored; the write rounds float32 to float16
+    exactly once either way), int8 keeps float32 (the per-token scales are computed from it)."""
+
+    group_keys: list[str]
+    features: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # group key -> row -> (t, h, w, d)
+    failed: dict[str, dict[int, str]] = field(default_factory=dict)  # group key -> row -> reason
+    decode_failed: dict[int, str] = field(default_factory=dict)
+    rows_seen: set[int] = field(default_factory=set)
+    decode_seconds: float = 0.0
+    encode_seconds: float = 0.0
 
 
 @dataclass
@@ -88,6 +116,16 @@ def decode_sample(source: str, window: tuple[float | None, float | None, int | N
         return Decoded(row, None, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
 
 
+def decode_split(source: str, window: tuple[float | None, float | None, int | None], row: int,
+                 num_frames: int) -> tuple[Decoded, np.ndarray | None]:
+    """`decode_sample` as two objects: the small description (with `nbytes`, read by the
+    driver's memory budget) and the frames (passed on to an encoder actor, never to the driver)."""
+    decoded = decode_sample(source, window, row, num_frames)
+    frames, decoded.frames = decoded.frames, None
+    decoded.nbytes = 0 if frames is None else int(frames.nbytes)
+    return decoded, frames
+
+
 def resolve_device(device: str) -> torch.device:
     import torch
 
@@ -125,6 +163,7 @@ class ShardEncoder:
                     "(check --weights / the HF cache on every node)"
                 )
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._open: dict[tuple[str, int], _ShardBuffer] = {}
 
     # ------------------------------------------------------------------ encoding
     def encode_clips(self, name: str, clips: list[np.ndarray], is_image: bool) -> list[np.ndarray]:
@@ -178,29 +217,79 @@ class ShardEncoder:
         return feats, failed
 
     # ------------------------------------------------------------------ one shard
-    def process(self, kind: str, shard: int, group_keys: list[str], ids: list[str], decoded: list[Decoded]) -> ShardResult:
-        """Encode every decodable sample of the shard with each group's encoder, write, commit."""
+    def encode_batch(self, kind: str, shard: int, group_keys: list[str], decoded: list[Decoded]) -> int:
+        """Encode some samples of a shard with each group's encoder and keep the features until
+        `commit`: a shard of any size streams through in batches, so the decoded frames held at
+        once are bounded by the driver's byte budget, not by the shard. Returns the sample count."""
+        buffer = self._open.setdefault((kind, shard), _ShardBuffer(list(group_keys)))
         decoded = sorted(decoded, key=lambda d: d.row)
-        start = decoded[0].row
-        decode_failed = {d.row: str(d.error) for d in decoded if d.error}
+        buffer.decode_failed.update({d.row: str(d.error) for d in decoded if d.error})
+        buffer.decode_seconds += sum(d.seconds for d in decoded)
         ok = [d for d in decoded if not d.error]
         t0 = time.perf_counter()
-        nbytes = 0
-        all_failed = dict(decode_failed)
-        for i, key in enumerate(group_keys):
+        for key in buffer.group_keys:
             group = self.store.group(key)
-            feats, enc_failed = self._encode_group(group.name, ok, kind == "image") if ok else ({}, {})
-            failed = {**decode_failed, **enc_failed}
-            out = np.zeros((len(decoded), *group.spec.stored_shape(kind)), dtype=np.float32)
-            for row, f in feats.items():
+            feats, failed = self._encode_group(group.name, ok, kind == "image") if ok else ({}, {})
+            keep = np.float32 if group.spec.encoding == "int8" else np.float16
+            buffer.features.setdefault(key, {}).update({row: f.astype(keep) for row, f in feats.items()})
+            buffer.failed.setdefault(key, {}).update(failed)
+        buffer.encode_seconds += time.perf_counter() - t0
+        buffer.rows_seen.update(d.row for d in decoded)
+        return len(decoded)
+
+    def commit(self, kind: str, shard: int, ids: list[str], start: int,
+               leases: dict[str, LeaseState] | None = None) -> ShardResult:
+        """Write every group of a fully encoded shard (one whole shard object each), then its
+        commit record. With `leases` (group key -> the driver's lease on this shard), each group
+        is written only while that lease is still the driver's: a run that lost it (expired,
+        taken over) writes nothing, since another run owns the shard now."""
+        from merv.store import LeaseLostError
+        from merv.store.group import lease_key
+        from merv.store.lease import Lease
+
+        buffer = self._open.pop((kind, shard), None)
+        rows = range(start, start + len(ids))
+        if buffer is None or any(r not in buffer.rows_seen for r in rows):
+            missing = len(rows) if buffer is None else sum(r not in buffer.rows_seen for r in rows)
+            raise ShardIncompleteError(f"{kind} shard {shard}: {missing} of {len(rows)} samples were not encoded "
+                                       "by this worker (it restarted?); the shard is redone")
+        t0 = time.perf_counter()
+        nbytes = 0
+        all_failed = dict(buffer.decode_failed)
+        for i, key in enumerate(buffer.group_keys):
+            group = self.store.group(key)
+            if group.shard_range(kind, shard, fresh=True) != rows:
+                raise ShardGrewError(f"{kind} shard {shard}: another run added samples to it while it was encoded "
+                                     f"(rows {rows.start}..{rows.stop - 1} are now {group.shard_range(kind, shard)})")
+            failed = {**buffer.decode_failed, **buffer.failed[key]}
+            out = np.zeros((len(rows), *group.spec.stored_shape(kind)), dtype=np.float32)
+            for row, f in buffer.features[key].items():
                 out[row - start] = f
+            if leases is not None and not Lease(group.kv, lease_key(kind, shard), leases[key]).still_mine():
+                raise LeaseLostError(f"{kind} shard {shard} of {key}: this run's lease on it expired or was taken "
+                                     "over; nothing more is written (the other run owns the shard)")
             group.write_shard(kind, shard, out, failed={r - start: v for r, v in failed.items()}, worker=self.worker)
             nbytes += shard_bytes(group, kind, shard)
             all_failed.update(failed)
             if i == 0:
                 _maybe_crash_for_test()
-        return ShardResult(kind, shard, len(decoded), {ids[r - start]: why for r, why in sorted(all_failed.items())},
-                           nbytes, sum(d.seconds for d in decoded), time.perf_counter() - t0, self.worker)
+        return ShardResult(kind, shard, len(rows), {ids[r - start]: why for r, why in sorted(all_failed.items())},
+                           nbytes, buffer.decode_seconds, buffer.encode_seconds + time.perf_counter() - t0,
+                           self.worker)
+
+    def abandon(self, kind: str, shard: int) -> None:
+        """Forget a shard's buffered features (the driver gave the shard up or restarts it)."""
+        self._open.pop((kind, shard), None)
+
+    def process(self, kind: str, shard: int, group_keys: list[str], ids: list[str], decoded: list[Decoded]) -> ShardResult:
+        """A whole shard in one call (in-process use, benchmarks): the same batches and commit
+        as the streamed path."""
+        self.abandon(kind, shard)
+        decoded = sorted(decoded, key=lambda d: d.row)
+        step = max(1, self.config.batch_size)
+        for i in range(0, len(decoded), step):
+            self.encode_batch(kind, shard, group_keys, decoded[i : i + step])
+        return self.commit(kind, shard, ids, decoded[0].row)
 
 
 def shard_bytes(group: EncoderGroup, kind: str, shard: int) -> int:

@@ -19,14 +19,22 @@ import csv
 import dataclasses
 import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from merv import MervError
 from merv.train.trainer import TrainConfig
 
 AXES = ("projector", "tokens_per_frame", "fusion", "encoders", "recipe", "stage")
+MODES = ("one-at-a-time", "product")
+EVAL_MODES = ("loglik", "generate")
+SWEEP_KEYS = ("base", "axes", "mode", "benchmarks", "eval_store", "eval_mode")
+
+
+class SweepError(MervError, ValueError):
+    """A sweep file that cannot be run as written; names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -51,18 +59,64 @@ class Sweep:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Sweep":
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
+        """Read and check a sweep file: strict about its keys, so a typo fails here, not after a training run."""
+        raw = _read_mapping(Path(path))
+        _no_unknown(path, "", raw, list(SWEEP_KEYS))
+        base, axes = raw.get("base") or {}, raw.get("axes") or {}
+        for key, value in (("base", base), ("axes", axes)):
+            if not isinstance(value, dict):
+                raise SweepError(f"{path}: {key!r} must be a mapping, got a {type(value).__name__}")
+        _no_unknown(path, "base.", base, [f for f in TrainConfig.__dataclass_fields__ if f != "out_dir"])
+        _no_unknown(path, "axes.", axes, list(AXES))
+        for axis, values in axes.items():
+            if not isinstance(values, list) or not values:
+                raise SweepError(f"{path}: axis {axis!r} must be a non-empty list of values")
+        mode, eval_mode = raw.get("mode", MODES[0]), raw.get("eval_mode", EVAL_MODES[0])
+        if mode not in MODES or eval_mode not in EVAL_MODES:
+            raise SweepError(f"{path}: mode must be one of {MODES} and eval_mode one of {EVAL_MODES}, "
+                             f"got {mode!r} / {eval_mode!r}")
+        benchmarks = raw.get("benchmarks") or []
+        if not isinstance(benchmarks, list) or not all(isinstance(b, str) for b in benchmarks):
+            raise SweepError(f"{path}: 'benchmarks' must be a list of eval_data directories")
+        return cls(TrainConfig.from_json(base), axes, mode, benchmarks, raw.get("eval_store"), eval_mode)
 
-            raw = yaml.safe_load(text)
-        else:
-            raw = json.loads(text)
-        unknown = set(raw.get("axes", {})) - set(AXES)
-        if unknown:
-            raise ValueError(f"{path}: unknown axes {sorted(unknown)}; axes are {', '.join(AXES)}")
-        return cls(TrainConfig.from_json(raw.get("base", {})), raw.get("axes", {}), raw.get("mode", "one-at-a-time"),
-                   list(raw.get("benchmarks", [])), raw.get("eval_store"), raw.get("eval_mode", "loglik"))
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """The top-level mapping of a JSON / YAML sweep file; every way it can be unreadable names the file."""
+    import yaml
+
+    if not path.is_file():
+        raise SweepError(f"sweep file {path}: {'is a directory' if path.is_dir() else 'no such file'}; "
+                         "pass a JSON / YAML file with base, axes and benchmarks")
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise SweepError(f"sweep file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise SweepError(f"sweep file {path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+    except yaml.YAMLError as exc:
+        raise SweepError(f"sweep file {path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    if not isinstance(raw, dict):
+        raise SweepError(f"sweep file {path}: expected a mapping with base, axes and benchmarks, got a {type(raw).__name__}")
+    return raw
+
+
+def _no_unknown(path: str | Path, prefix: str, values: dict[str, Any], known: Sequence[str]) -> None:
+    """Refuse keys a sweep does not know, with the nearest known one (a typo is the usual cause)."""
+    import difflib
+
+    unknown = sorted(set(values) - set(known))
+    if not unknown:
+        return
+    named = []
+    for key in unknown:
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        named.append(prefix + key + (f" (did you mean {prefix}{near[0]}?)" if near else ""))
+    what = "axes" if prefix == "axes." else "keys"
+    hint = ("base takes the options of `merv train` with underscores for dashes (data, stores, recipe, lr, max_steps, ...)"
+            if prefix == "base." else f"known: {', '.join(sorted(known))}")
+    raise SweepError(f"{path}: unknown {what} {', '.join(named)}; {hint}")
 
 
 def _encoder_sets(value: Any, all_encoders: list[str]) -> list[list[str]]:
@@ -108,7 +162,7 @@ def expand(sweep: Sweep) -> list[Variant]:
             for v in values:
                 variants.append(Variant(_label(key, v, all_encoders), ((key, v),)))
     else:
-        raise ValueError(f"sweep mode {sweep.mode!r}: use 'one-at-a-time' or 'product'")
+        raise SweepError(f"sweep mode {sweep.mode!r}: use 'one-at-a-time' or 'product'")
     seen: set[tuple[tuple[str, Any], ...]] = set()
     unique = []
     for v in variants:
@@ -153,9 +207,14 @@ def _paper_tflops(config: TrainConfig) -> float | None:
 
 def run_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = False) -> list[dict[str, Any]]:
     """Train + evaluate every variant not finished yet; write table.csv and table.md."""
-    from merv.pipelines.evaluate import evaluate
+    from merv.pipelines.evaluate import evaluate, load_benchmark
+    from merv.store import FeatureStore
     from merv.train.trainer import train
 
+    for bench in sweep.benchmarks:  # checked before the first configuration trains
+        load_benchmark(bench)
+    if sweep.benchmarks and sweep.eval_store:
+        FeatureStore.open(sweep.eval_store)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -164,7 +223,8 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = False) -> list
         if result_file.exists():
             rows.append(json.loads(result_file.read_text()))
             continue
-        config = variant.config(dataclasses.replace(sweep.base, progress=progress), out)
+        # a variant interrupted earlier continues from its last checkpoint (or starts fresh)
+        config = variant.config(dataclasses.replace(sweep.base, progress=progress, resume="auto"), out)
         summary = train(config)
         row: dict[str, Any] = {"name": variant.name, **{k: v for k, v in variant.changes},
                                "steps": summary["steps"], "final_loss": summary["losses"][-1] if summary["losses"] else None}

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .evaluate import read_jsonl, row_correct, run_rows
+from .evaluate import EvalError, read_jsonl, row_correct, run_rows
 
 Rows = Sequence[dict[str, Any]]
 RowsLike = Rows | str | os.PathLike[str]
@@ -38,11 +38,36 @@ def _plt() -> Any:
 
 
 def load_rows(source: RowsLike) -> list[dict[str, Any]]:
-    """Rows from a list, a JSONL file, or a run directory (scored.jsonl, else predictions.jsonl)."""
-    if isinstance(source, (str, os.PathLike)):
-        p = Path(source)
-        return run_rows(p) if p.is_dir() else read_jsonl(p)
-    return list(source)
+    """Rows from a list, a JSONL file, or a run directory (scored.jsonl, else predictions.jsonl).
+
+    A path must hold `merv eval` rows: anything else is named here, before any figure is drawn.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return list(source)
+    p = Path(source)
+    if not p.exists():
+        raise EvalError(f"predictions {p}: no such file or directory; {_ROWS_HINT}")
+    if p.is_dir():
+        runs = sorted(str(d.relative_to(p)) for d in (r.parent for r in p.glob("*/*/run.json")))
+        if runs and not (p / "run.json").exists():
+            raise EvalError(f"{p} is an evaluation output directory (runs: {', '.join(runs)}); pass one run, e.g. {p / runs[0]}")
+        rows = run_rows(p)
+    else:
+        rows = read_jsonl(p, strict=True)  # a file given by hand: a broken line is an input error, not a killed writer
+    _check_rows(rows, p)
+    return rows
+
+
+_ROWS_HINT = "pass predictions.jsonl / scored.jsonl or a run directory OUT/<benchmark>/<mode> written by `merv eval`"
+
+
+def _check_rows(rows: list[Any], path: Path) -> None:
+    """Every row an object with a question_id: what `merv eval` writes (a JSON list or a stray file is not)."""
+    if not rows:
+        raise EvalError(f"{path}: no prediction rows (no valid JSON line); {_ROWS_HINT}")
+    for n, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or "question_id" not in row:
+            raise EvalError(f"{path}: row {n} is not a prediction row (no 'question_id'); {_ROWS_HINT}")
 
 
 def video_weights(rows: RowsLike) -> tuple[list[str], list[str], np.ndarray]:
@@ -54,7 +79,7 @@ def video_weights(rows: RowsLike) -> tuple[list[str], list[str], np.ndarray]:
         if w and sid not in seen:
             seen[sid] = w
     if not seen:
-        raise ValueError("no fusion weights in these rows (concatenation fusions have none; evaluate a cross-attention model)")
+        raise EvalError("no fusion weights in these rows (concatenation fusions have none; evaluate a cross-attention model)")
     encoders = list(next(iter(seen.values())))
     ids = list(seen)
     return ids, encoders, np.array([[seen[i].get(e, np.nan) for e in encoders] for i in ids], dtype=np.float64)
@@ -94,15 +119,24 @@ def sources_from_store(store: Any) -> dict[str, dict[str, Any]]:
 
 
 def sources_from_manifest(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """{id: {"path", window}} from an extraction manifest (relative paths resolve against its folder)."""
-    p = Path(path)
-    out = {}
-    for r in read_jsonl(p, strict=True):
-        src = str(r["path"])
-        full = src if os.path.isabs(src) or "://" in src else str(p.parent / src)
-        sid = str(r.get("id") or Path(src).stem)
-        out[sid] = {"path": full, "start": r.get("start"), "end": r.get("end"), "end_frame": r.get("end_frame")}
-    return out
+    """{id: {"path", window}} from an extraction manifest, read as `merv extract` reads it."""
+    from merv.extract.sources import read_manifest
+
+    return {r.id: {"path": r.source, **r.window()} for r in read_manifest(path)}
+
+
+def resolve_sources(sources: Any) -> Mapping[str, Any]:
+    """{sample id: source} from a mapping, a manifest file, or a store (path or FeatureStore)."""
+    if isinstance(sources, Mapping):
+        return sources
+    if isinstance(sources, (str, os.PathLike)):
+        p = Path(sources)
+        if p.is_file():
+            return sources_from_manifest(p)
+        if "://" not in str(sources) and not p.is_dir():
+            raise EvalError(f"--sources {p}: no such file or directory; pass the extraction manifest or the feature store")
+        return sources_from_store(str(sources))
+    return sources_from_store(sources)
 
 
 def _thumb(source: Mapping[str, Any] | str | None, frames: int) -> np.ndarray | None:
@@ -141,13 +175,7 @@ def plot_top_videos(
     drawn as a grey cell labelled "(unavailable)" rather than failing the figure.
     """
     ids, encoders, w = video_weights(rows)
-    if isinstance(sources, (str, os.PathLike)):
-        p = Path(sources)
-        srcs: Mapping[str, Any] = sources_from_manifest(p) if p.is_file() else sources_from_store(str(p))
-    elif isinstance(sources, Mapping):
-        srcs = sources
-    else:
-        srcs = sources_from_store(sources)
+    srcs = resolve_sources(sources)
     k = max(1, min(k, len(ids)))
     plt = _plt()
     cell_w = 0.9 * (frames + 1)  # inches per thumbnail strip; strips are about (frames + 1) * 1.1 wide per unit of height
@@ -207,7 +235,7 @@ def plot_skill_accuracy(
     per_model = {label: skill_accuracy(src, key=key) for label, src in results.items()}
     tasks = sorted(set.intersection(*[{t for t, (n, _) in acc.items() if n >= min_count} for acc in per_model.values()]))
     if not tasks:
-        raise ValueError(f"no task has at least {min_count} questions in every result file")
+        raise EvalError(f"no task has at least {min_count} questions in every result file; compare results of the same benchmarks")
     plt = _plt()
     width = 0.8 / len(per_model)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(tasks) * max(1, len(per_model)) / 2 + 2), 3.8), dpi=120)
@@ -245,16 +273,18 @@ def plot_all(
     skills.png (this file alone, or `compare` models side by side)."""
     out = Path(out_dir)
     data = load_rows(rows)
+    others = {label: load_rows(src) for label, src in compare.items()} if compare else None  # bad inputs first
+    srcs = resolve_sources(sources) if sources is not None else None
     written: dict[str, Path] = {}
     if any(r.get("fusion_weights") for r in data):
         written["weights"] = plot_weight_distribution(data, out / "weights.png")
-        if sources is not None:
-            written["top_videos"] = plot_top_videos(data, sources, out / "top_videos.png", k=k, frames=frames)
-    written["skills"] = plot_skill_accuracy(compare or {"model": data}, out / "skills.png")
+        if srcs is not None:
+            written["top_videos"] = plot_top_videos(data, srcs, out / "top_videos.png", k=k, frames=frames)
+    written["skills"] = plot_skill_accuracy(others or {"model": data}, out / "skills.png")
     return written
 
 
 __all__ = [
-    "load_rows", "plot_all", "plot_skill_accuracy", "plot_top_videos", "plot_weight_distribution", "skill_accuracy",
+    "load_rows", "plot_all", "resolve_sources", "plot_skill_accuracy", "plot_top_videos", "plot_weight_distribution", "skill_accuracy",
     "sources_from_manifest", "sources_from_store", "video_weights",
 ]

@@ -11,6 +11,9 @@
 
 The encoders are random-initialised tiny versions of the real architectures, so what is learned
 is what survives random features: colour and shape clearly, motion direction less so.
+
+A demo starts from scratch: it replaces its output directory, but only one that a previous demo
+made (it holds `MARKER`); any other existing directory is refused unless `force`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,14 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from merv import MervError
+
+MARKER = ".merv-demo"  # written into the output directory the demo creates; only such a directory is replaced
+
+
+class DemoError(MervError, ValueError):
+    """A demo that cannot start as asked: bad settings, or an output directory it must not replace."""
 
 
 @dataclass
@@ -40,6 +51,14 @@ class DemoConfig:
     eval_mode: str = "loglik"  # MCQ answering: "loglik" (option likelihood) or "generate"
     samples_per_shard: int = 16
     plots: bool = True
+    force: bool = False  # replace `out` even if a demo did not make it
+
+    def check(self) -> None:
+        """Refuse settings the pipeline cannot run, before anything is written or deleted."""
+        if self.videos < 2:
+            raise DemoError(f"--videos {self.videos}: the demo needs at least 2 (one to train on, one to test)")
+        if self.steps < 1:
+            raise DemoError(f"--steps {self.steps}: the demo needs at least one training step")
 
 
 @dataclass
@@ -59,13 +78,10 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     from merv.train.trainer import TrainConfig, train
 
     console = console or Console()
+    cfg.check()
     out = Path(cfg.out)
     times: dict[str, float] = {}
-
-    if out.exists():  # a demo starts from scratch (extraction itself would resume)
-        import shutil
-
-        shutil.rmtree(out)
+    prepare_out_dir(out, force=cfg.force)
     t0 = time.perf_counter()
     dataset = generate_synthetic(out / "data", n_videos=cfg.videos, seed=cfg.seed, size=cfg.size, frames=cfg.frames,
                                  overwrite=True)
@@ -115,6 +131,23 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     res = DemoResult(accuracy, chance, bench["accuracy"], times, paths)
     (out / "demo_result.json").write_text(json.dumps(res.__dict__, indent=1))
     return res
+
+
+def prepare_out_dir(out: Path, force: bool = False) -> None:
+    """Give the demo an empty `out` marked as its own (a demo starts from scratch; extraction alone
+    would resume). An existing directory is deleted only when a demo made it (it holds MARKER) or
+    with `force`; an empty one is reused; anything else is refused, so `--out ~/videos` loses nothing."""
+    import shutil
+
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise DemoError(f"--out {out} exists and is not a directory; pass a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (force or (out / MARKER).is_file()):
+            raise DemoError(f"--out {out} already exists and was not made by `merv demo`; pass a new directory, "
+                            "or --force to delete it and everything in it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `merv demo`; a later `merv demo --out` here replaces this directory\n")
 
 
 def _summary(summaries: dict[str, Any], benchmark: str) -> dict[str, Any]:

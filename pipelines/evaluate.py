@@ -208,17 +208,18 @@ def load_benchmark(
     """Read a reference-format benchmark directory; answers are joined by question_id."""
     root = Path(path)
     qpath, apath = root / questions_file, root / answers_file
+    layout = f"pass --benchmark an eval_data directory holding {questions_file} and {answers_file} (the reference layout)"
+    if not root.is_dir():
+        raise EvalError(f"benchmark {root}: {'not a directory' if root.exists() else 'no such directory'}; {layout}")
     for p in (qpath, apath):
         if not p.is_file():
-            raise EvalError(f"benchmark {str(root)!r}: {p.name} is missing (expected the reference eval_data layout)")
-    try:
-        raw_q = json.loads(qpath.read_text())
-        raw_a = json.loads(apath.read_text())
-    except json.JSONDecodeError as exc:
-        raise EvalError(f"benchmark {str(root)!r}: invalid JSON ({exc})") from exc
-    if not isinstance(raw_q, list) or not isinstance(raw_a, list):
-        raise EvalError(f"benchmark {str(root)!r}: {questions_file} and {answers_file} must be JSON lists")
-    answers = {str(a["question_id"]): a for a in raw_a}
+            raise EvalError(f"benchmark {root}: {p.name} is missing; {layout}")
+    raw_q, raw_a = _json_list(qpath, "questions"), _json_list(apath, "answers")
+    answers: dict[str, dict[str, Any]] = {}
+    for i, a in enumerate(raw_a):
+        if "question_id" not in a:
+            raise EvalError(f"{apath}: answer {i} has no 'question_id'")
+        answers[str(a["question_id"])] = a
     kinds = {"options" in q for q in raw_q}
     if len(kinds) > 1:
         raise EvalError(f"benchmark {str(root)!r} mixes MCQ questions (with options) and open-ended ones")
@@ -249,6 +250,8 @@ def load_benchmark(
             answer=None if a.get("answer") is None else str(a["answer"]),
         )
         if kind == "mcq":
+            if not isinstance(q["options"], list):
+                raise EvalError(f"{qpath}: question {qid!r} has 'options' that are not a list")
             options = [str(o) for o in q["options"]]
             n = int(q.get("num_option") or len(options))
             if not 1 <= n <= min(len(options), len(LETTERS)):
@@ -268,6 +271,22 @@ def load_benchmark(
         raise EvalError(f"{apath}: no answer for {len(missing)} question(s), e.g. {missing[:5]}")
     vdir = Path(video_dir) if video_dir is not None else (root / "videos" if (root / "videos").is_dir() else None)
     return Benchmark(name or root.name, kind, questions, root, vdir)
+
+
+def _json_list(path: Path, what: str) -> list[dict[str, Any]]:
+    """A benchmark file's list of objects, or an `EvalError` naming the file and the entry at fault."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise EvalError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 JSON") from exc
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+    if not isinstance(data, list):
+        raise EvalError(f"{path}: expected a JSON list of {what}, got a JSON {type(data).__name__}")
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise EvalError(f"{path}: entry {i} of the {what} is a {type(item).__name__}, not an object")
+    return data
 
 
 def _as_benchmark(b: Benchmark | str | os.PathLike[str]) -> Benchmark:
@@ -332,7 +351,7 @@ def eval_manifest(
     if vdir is None and bench.root is not None and (bench.root / "videos").is_dir():
         vdir = bench.root / "videos"
     if vdir is None:
-        raise EvalError(f"benchmark {bench.name!r}: no videos/ directory; pass video_dir=")
+        raise EvalError(f"benchmark {bench.name!r}: no videos/ directory next to {bench.root}; pass --video-dir DIR")
     rows: dict[str, dict[str, Any]] = {}
     absent: list[str] = []
     for q, sid in zip(bench.questions, sample_ids(bench.questions, id_mode, id_prefix)):
@@ -344,7 +363,8 @@ def eval_manifest(
             continue
         rows[sid] = {"id": sid, "path": str(path.resolve()), "kind": "video", **q.window.to_dict()}
     if absent and missing == "error":
-        raise EvalError(f"benchmark {bench.name!r}: {len(absent)} video(s) not found under {vdir}, e.g. {sorted(set(absent))[:5]}")
+        raise EvalError(f"benchmark {bench.name!r}: {len(absent)} video(s) not found under {vdir}, e.g. "
+                        f"{sorted(set(absent))[:5]}; pass the folder holding them with --video-dir DIR")
     return list(rows.values())
 
 
@@ -454,18 +474,26 @@ def rank_file(directory: Path, rank: int, world_size: int) -> Path:
     return directory / f"rank-{rank:05d}-of-{world_size:05d}.jsonl"
 
 
+def _utf8_lines(fh: Iterable[str], path: str | os.PathLike[str]) -> Iterable[str]:
+    """The lines of a text file opened as UTF-8; a decode error names the file."""
+    try:
+        yield from fh
+    except UnicodeDecodeError as exc:
+        raise EvalError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); pass a JSONL file written by `merv eval`") from exc
+
+
 def read_jsonl(path: str | os.PathLike[str], strict: bool = False) -> list[dict[str, Any]]:
     """Rows of a JSONL file; a broken line (e.g. a killed writer's last) is skipped unless strict."""
     rows = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, start=1):
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(_utf8_lines(fh, path), start=1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 if strict:
-                    raise EvalError(f"{path}:{n}: not valid JSON") from None
+                    raise EvalError(f"{path}:{n}: not valid JSON; pass a JSONL file written by `merv eval`") from None
                 log.warning("%s:%d: skipping a broken line", path, n)
     return rows
 
@@ -635,7 +663,7 @@ def run_benchmark(
         old = json.loads((rdir / "run.json").read_text())
         changed = sorted(k for k, v in info.items() if k != "path" and k in old and old[k] != v)
         if changed:
-            raise EvalError(f"{path} was written with other settings ({', '.join(changed)}); use another out_dir or resume=False")
+            raise EvalError(f"{path} was written with other settings ({', '.join(changed)}); use another --out directory")
     if rank == 0 or not (rdir / "run.json").exists():
         (rdir / "run.json").write_text(json.dumps(info, indent=2))
     done: dict[str, dict[str, Any]] = {}
@@ -656,7 +684,8 @@ def run_benchmark(
         listed = "; ".join(f"{sid} ({p})" for sid, p in list(by_clip)[:5])
         raise EvalError(
             f"{len(bad)} question(s) of {bench.name!r} on {len(by_clip)} clip(s) have no usable features in the store: {listed}. "
-            "Extract the benchmark's manifest (write_eval_manifest -> merv extract) or pass skip_missing"
+            "Extract the benchmark's videos into that store: `merv eval-manifest BENCHMARK M.jsonl`, then "
+            "`merv extract M.jsonl --store STORE`"
         )
     names = [s.name for s in feats.specs]
     model.eval()
@@ -852,7 +881,8 @@ def run_rows(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
     for name in ("scored.jsonl", "predictions.jsonl"):
         if (d / name).exists():
             return read_jsonl(d / name)
-    raise EvalError(f"{d}: neither scored.jsonl nor predictions.jsonl; merge the rank files first")
+    raise EvalError(f"{d}: neither scored.jsonl nor predictions.jsonl; pass a run directory OUT/<benchmark>/<mode> "
+                    "of `merv eval` (after a sharded run, merge it first: `merv eval-finalize OUT`)")
 
 
 def _pct(v: float | None) -> str:
@@ -930,9 +960,11 @@ def finalize_results(
     out_dir); the summary files always cover every merged run under out_dir.
     """
     root = Path(out_dir)
+    if runs is None and not root.is_dir():
+        raise EvalError(f"{root}: no such directory; pass the --out directory of `merv eval`")
     dirs = [Path(r) for r in runs] if runs is not None else _run_dirs(root)
     if not dirs:
-        raise EvalError(f"{root}: no benchmark runs (run_benchmark writes <benchmark>/<mode>/run.json)")
+        raise EvalError(f"{root}: no benchmark runs in it (`merv eval --out DIR` writes DIR/<benchmark>/<mode>/run.json)")
     for d in dirs:
         merge_predictions(d, world_size)
         if json.loads((d / "run.json").read_text()).get("kind") == "open":
@@ -964,17 +996,24 @@ def evaluate(
     returns None and one process calls `finalize_results(out_dir)` after all have finished.
     `mode` "loglik" applies to MCQ sets; open-ended sets always generate.
     """
-    if isinstance(model, (str, os.PathLike)):
-        from merv.train.checkpoint_io import load_merv
+    # every input is checked before the model is loaded: a bad path fails in a second, not after minutes
+    from merv.train.checkpoint_io import check_export, load_merv
 
+    if mode not in MODES:
+        raise EvalError(f"--mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    if isinstance(model, (str, os.PathLike)):
+        check_export(model)
+    benches = [_as_benchmark(b) for b in benchmarks]
+    if not isinstance(store, FeatureStore):
+        store = FeatureStore.open(store)
+    if isinstance(model, (str, os.PathLike)):
         model = load_merv(model, device=device, dtype=dtype)
     elif device is not None:
         model.to(device)
     rank = _env_int("RANK", 0) if rank is None else rank
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
     runs = []
-    for b in benchmarks:
-        bench = _as_benchmark(b)
+    for bench in benches:
         m = mode if bench.kind == "mcq" else "generate"
         run_benchmark(model, bench, store, out_dir, mode=m, rank=rank, world_size=world_size, **run_kwargs)
         runs.append(run_dir(out_dir, bench.name, m))

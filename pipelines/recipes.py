@@ -17,9 +17,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from merv import MervError
 from merv.train.connector import ConnectorConfig
 from merv.train.paper import PAPER_ENCODER_ORDER, PAPER_ENCODERS, ModelReport, model_report
 from merv.train.specs import FeatureSpec
+
+
+class RecipeError(MervError, KeyError):
+    """An unknown recipe, or a question a recipe cannot answer (e.g. paper sizes of tiny encoders).
+
+    A KeyError for callers that look recipes up like a dict; printed without KeyError's quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,8 @@ class ModelRecipe:
             by_name = available if isinstance(available, dict) else {s.name: s for s in available}
             missing = [e for e in self.encoders if e not in by_name]
             if missing:
-                raise ValueError(f"recipe {self.name!r} needs encoder(s) {missing}; available: {sorted(by_name)} (extract them first)")
+                raise ValueError(f"recipe {self.name!r} needs encoder(s) {missing}; available: {sorted(by_name)} "
+                                 "(extract them first: merv extract ... --encoders)")
             return [by_name[e] for e in self.encoders]
         if self.size != "paper":
             raise ValueError(f"recipe {self.name!r} ({self.size} encoders): pass the feature specs from the store (available=...)")
@@ -77,6 +88,12 @@ class ModelRecipe:
 
     def report(self, seq_len: int | None = None, encoders: dict[str, Any] | None = None) -> ModelReport:
         """Parameters and FLOPs per sample at paper size (no weights needed)."""
+        if self.size != "paper":
+            paper = sorted(n for n, r in RECIPES.items() if r.size == "paper")
+            raise RecipeError(f"recipe {self.name!r} uses {self.size} random encoders whose shapes come from a store; "
+                              f"`merv model info` sizes the paper-size recipes: {', '.join(paper)}")
+        if seq_len is not None and seq_len < 1:
+            raise RecipeError(f"--seq-len {seq_len} must be a positive token count")
         return model_report(self.feature_specs(), self.connector, encoders=encoders, seq_len=seq_len or self.llm_max_length)
 
     def build(self, specs: list[FeatureSpec] | None = None, **kwargs: Any) -> Any:
@@ -181,5 +198,5 @@ RECIPES: dict[str, ModelRecipe] = {
 
 def get_recipe(name: str) -> ModelRecipe:
     if name not in RECIPES:
-        raise KeyError(f"recipe {name!r} is unknown; known: {sorted(RECIPES)}")
+        raise RecipeError(f"recipe {name!r} is unknown; known: {', '.join(sorted(RECIPES))}")
     return RECIPES[name]

@@ -10,8 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from merv import MervError
 from merv.store import EncoderGroupSpec, FeatureReader, FeatureStore, SampleRecord, store_info, verify_store
 from merv.store.encodings import error_bound
+
+
+class RoundTripError(MervError, ValueError):
+    """The round trip's output path holds something it must not replace."""
 
 
 @dataclass
@@ -26,8 +31,9 @@ class RoundTripResult:
 
 
 def run_roundtrip(path: str, videos: int = 24, images: int = 8, seed: int = 0) -> RoundTripResult:
-    if os.path.exists(path):
-        shutil.rmtree(path)
+    """Write, read back and verify a fresh store at `path`; an existing store there (an earlier
+    round trip) is replaced, anything else is refused."""
+    _clear(path)
     rng = np.random.default_rng(seed)
     store = FeatureStore.create(path, grid="4x4", samples_per_shard={"video": 8, "image": 8})
     records = [SampleRecord(f"video-{i:04d}", f"synthetic://video/{i}") for i in range(videos)]
@@ -71,3 +77,15 @@ def run_roundtrip(path: str, videos: int = 24, images: int = 8, seed: int = 0) -
         verified=report.ok,
         bytes_per_sample={g["name"]: g["bytes_per_sample"] for g in info["encoders"]},
     )
+
+
+def _clear(path: str) -> None:
+    """Remove an earlier round trip's store at `path`; refuse to delete anything that is not a store."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise RoundTripError(f"--out {parent} is a file; pass a directory")
+    if not os.path.exists(path):
+        return
+    if not os.path.isfile(os.path.join(path, "zarr.json")):
+        raise RoundTripError(f"{path} exists and is not a feature store; move it away or pass another --out")
+    shutil.rmtree(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from merv import MervError
 
 
@@ -95,3 +97,109 @@ class SampleUnavailableError(StoreError):
         self.encoder = encoder
         self.state = state
         self.reason = reason
+
+
+def _shown(items: list[str], limit: int = 8) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def commit_record_url(url: str, group: str, kind: str, shard: int) -> str:
+    """Where a shard's commit record lives (deleting it makes the next `merv extract` redo the shard)."""
+    return f"{url.rstrip('/')}/{group}/commits/{kind}/{shard:08d}.json"
+
+
+class StoreDataError(StoreError):
+    """Committed data that cannot be returned as stored: where it is, and how to get it back.
+
+    Constructible from one message string (as torch's DataLoader re-raises a worker's exception
+    with `type(exc)(message)`); `at()` builds the message from the location, `located()` adds to
+    it as the error travels up (array -> encoder group -> reader with sample ids).
+    """
+
+    def __init__(self, message: str, *, problem: str = "", where: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.problem = problem or message
+        self.where: dict[str, Any] = dict(where or {})
+
+    @property
+    def shard(self) -> int | None:
+        return self.where.get("shard")
+
+    @property
+    def rows(self) -> list[int]:
+        return list(self.where.get("rows", []))
+
+    @property
+    def samples(self) -> list[str]:
+        return list(self.where.get("samples", []))
+
+    @classmethod
+    def at(cls, problem: str, **where: Any) -> "StoreDataError":
+        return cls(cls._compose(problem, where), problem=problem, where=where)
+
+    def located(self, **more: Any) -> "StoreDataError":
+        """The same error with more of its location known (store, group, kind, sample ids)."""
+        where = {**self.where, **{k: v for k, v in more.items() if v is not None}}
+        return type(self).at(self.problem, **where)
+
+    @staticmethod
+    def _compose(problem: str, where: dict[str, Any]) -> str:
+        url, group, kind, shard = (where.get(k) for k in ("url", "group", "kind", "shard"))
+        place = [f"store {url!r}" if url else "", f"encoder group {group!r}" if group else "",
+                 f"{kind or 'kind ?'} shard {shard}" if shard is not None else ""]
+        who = ""
+        if where.get("samples"):
+            who = f"; samples affected: {_shown([str(s) for s in where['samples']])}"
+        elif where.get("rows"):
+            who = f"; rows affected: {_shown([str(r) for r in where['rows']])}"
+        fix = ""
+        if url and group and kind and shard is not None:
+            fix = (f". Run `merv store verify {url}` to list every damaged shard, then delete each one's commit "
+                   f"record (here {commit_record_url(url, group, kind, int(shard))}) and re-run the same `merv extract` "
+                   "command: it redoes every shard without a commit record (--retry-failed only redoes recorded failures)")
+        return f"{', '.join(p for p in place if p) or 'feature store'}: {problem}{who}{fix}"
+
+
+class MissingShardDataError(StoreDataError):
+    """A committed shard's object, or a chunk inside it, is gone: reading it would give fill values."""
+
+
+class ChunkChecksumError(StoreDataError, ValueError):
+    """A stored chunk or shard index whose crc32c does not match its bytes."""
+
+
+class StoreMetadataError(StoreError):
+    """A metadata document (zarr.json, or MERV's attributes in it) that cannot be used; names the file."""
+
+    def __init__(self, message: str, *, file: str = "") -> None:
+        super().__init__(message)
+        self.file = file
+
+    @classmethod
+    def of(cls, file: str, why: str, group_dir: str | None = None) -> "StoreMetadataError":
+        """`group_dir`: the encoder group folder the file belongs to (it can be rebuilt alone)."""
+        why = " ".join(str(why).split())[:300]
+        fix = (f"delete the encoder group folder {group_dir} and re-run `merv extract` for that encoder "
+               "(the store's other groups are not touched)" if group_dir else
+               "restore it from a copy of the store, or extract into a new store (this file holds the "
+               "store's settings or its sample table)")
+        return cls(f"{file} is corrupt or not a MERV store document ({why}); {fix}", file=file)
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the lease that an operation needs (and kept it past the wait)."""
+
+    def __init__(self, message: str, *, owner: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.owner = owner
+        self.key = key
+
+
+class LeaseLostError(StoreError):
+    """A lease this process held expired or was taken over; its work must not be committed."""
+
+
+class StoreAccessError(StoreError):
+    """A store behind an fsspec URL cannot be reached: its filesystem package is missing, or the
+    endpoint, credentials or network refuse. The message names the URL and what to check."""

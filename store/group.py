@@ -18,7 +18,9 @@ from zarr.core.sync import sync
 
 from . import direct
 from .encodings import dequantize_int8, quantize_int8
+from .errors import StoreDataError, StoreMetadataError
 from .kv import GroupKV
+from .lease import DEFAULT_TTL_S, HeldBy, Lease, try_acquire
 from .schema import KINDS, CommitRecord, EncoderGroupSpec
 
 # BitRound is a numcodecs codec, not (yet) in the zarr v3 spec; the store records it in its
@@ -26,7 +28,10 @@ from .schema import KINDS, CommitRecord, EncoderGroupSpec
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning)
 
 ZSTD_LEVEL = 3
-ARRAY_CONFIG = {"write_empty_chunks": True}  # a shard's bytes never depend on its values being zero
+# Every row of a written shard is stored, zeros included (failed rows): a shard's bytes never
+# depend on its values, and an absent chunk of a committed shard can only mean damage. zarr keeps
+# this setting only on the Array object it was given to, so every open applies it (`array()`).
+ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
 def _now() -> str:
@@ -35,6 +40,20 @@ def _now() -> str:
 
 def commit_key(kind: str, shard: int) -> str:
     return f"commits/{kind}/{shard:08d}.json"
+
+
+def lease_key(kind: str, shard: int) -> str:
+    """The lease a writer of one shard of this group holds (see `EncoderGroup.try_lease`)."""
+    return f"leases/{kind}/{shard:08d}"
+
+
+def node_file(url: str, path: str) -> str:
+    """The zarr.json of a node, as a user finds it: `<store url>/<path>/zarr.json`."""
+    return "/".join(p for p in (url.rstrip("/"), path.strip("/"), "zarr.json") if p)
+
+
+# What zarr raises on a zarr.json that is not UTF-8, not JSON, or JSON of the wrong shape.
+METADATA_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError)
 
 
 class EncoderGroup:
@@ -48,7 +67,13 @@ class EncoderGroup:
     def __init__(self, group: zarr.Group, samples_per_shard: dict[str, int], url: str) -> None:
         self.group = group
         self.url = url
-        self.spec = EncoderGroupSpec.from_json(dict(group.attrs["merv_encoder"]))
+        self.file = node_file(url, group.path)
+        self.folder = f"{url.rstrip('/')}/{group.path}"
+        try:
+            self.spec = EncoderGroupSpec.from_json(dict(group.attrs["merv_encoder"]))
+        except METADATA_ERRORS as exc:
+            raise StoreMetadataError.of(self.file, f"bad merv_encoder attributes: {type(exc).__name__}: {exc}",
+                                        self.folder) from exc
         self.key = self.spec.key()
         self.name = self.spec.name
         self.samples_per_shard = dict(samples_per_shard)
@@ -96,9 +121,31 @@ class EncoderGroup:
             )
 
     def array(self, kind: str) -> zarr.Array:
+        """The `kind` (or `<kind>_scales`) array, checked against the group's spec, with ARRAY_CONFIG."""
         if kind not in self._arrays:
-            self._arrays[kind] = self.group[kind]  # type: ignore[assignment]
+            self._arrays[kind] = self._open_array(kind)
         return self._arrays[kind]
+
+    def _open_array(self, name: str) -> zarr.Array:
+        file = node_file(self.url, f"{self.group.path}/{name}")
+        try:
+            arr = self.group[name]
+        except METADATA_ERRORS as exc:
+            if isinstance(exc, KeyError) and not self.kv.exists(f"{name}/zarr.json"):
+                raise StoreMetadataError.of(file, "the file is missing", self.folder) from exc
+            raise StoreMetadataError.of(file, f"{type(exc).__name__}: {exc}", self.folder) from exc
+        if not isinstance(arr, zarr.Array):
+            raise StoreMetadataError.of(file, "a group where an array belongs", self.folder)
+        kind = name.removesuffix("_scales")
+        want = self.spec.stored_shape(kind)[: 3 if name.endswith("_scales") else 4]
+        dtype = "float32" if name.endswith("_scales") else ("int8" if self.spec.encoding == "int8" else "float16")
+        per = self.samples_per_shard.get(kind)
+        shards = arr.shards or arr.chunks
+        if tuple(arr.shape[1:]) != tuple(want) or str(arr.dtype) != dtype or (per is not None and shards[0] != per):
+            raise StoreMetadataError.of(
+                file, f"array of shape {tuple(arr.shape)}, {arr.dtype}, {shards[0]} rows per shard, but the encoder "
+                      f"group needs (rows, {', '.join(map(str, want))}), {dtype}, {per} rows per shard", self.folder)
+        return arr.with_config(ARRAY_CONFIG)
 
     def scales(self, kind: str) -> zarr.Array:
         return self.array(f"{kind}_scales")
@@ -120,7 +167,11 @@ class EncoderGroup:
         per = self.samples_per_shard[kind]
         return -(-self.rows(kind) // per)
 
-    def shard_range(self, kind: str, shard: int) -> range:
+    def shard_range(self, kind: str, shard: int, fresh: bool = False) -> range:
+        """Rows of a shard; `fresh` re-reads the array size (another process may have added samples,
+        which grows the last shard)."""
+        if fresh:
+            self._arrays.clear()
         per = self.samples_per_shard[kind]
         start = shard * per
         return range(start, min(start + per, self.rows(kind)))
@@ -128,8 +179,15 @@ class EncoderGroup:
     def commits(self, kind: str) -> dict[int, CommitRecord]:
         """Valid commit records that still cover their whole shard; anything else is pending."""
         keys = [k for k in self.kv.list_prefix(f"commits/{kind}/") if k.endswith(".json")]
+        return self._valid_records(kind, self.kv.get_many(keys).values())
+
+    def commits_of(self, kind: str, shards: list[int]) -> dict[int, CommitRecord]:
+        """`commits` restricted to some shards, read fresh without a listing (one get each)."""
+        return self._valid_records(kind, self.kv.get_many([commit_key(kind, s) for s in shards]).values())
+
+    def _valid_records(self, kind: str, raws: Any) -> dict[int, CommitRecord]:
         out: dict[int, CommitRecord] = {}
-        for key, raw in self.kv.get_many(keys).items():
+        for raw in raws:
             if raw is None:
                 continue
             try:
@@ -143,15 +201,7 @@ class EncoderGroup:
         return out
 
     def is_committed(self, kind: str, shard: int) -> bool:
-        raw = self.kv.get(commit_key(kind, shard))
-        if raw is None:
-            return False
-        try:
-            rec = CommitRecord.from_bytes(raw)
-        except (ValueError, TypeError, KeyError):
-            return False
-        expected = self.shard_range(kind, shard)
-        return rec.start == expected.start and rec.count == len(expected)
+        return shard in self.commits_of(kind, [shard])
 
     def write_shard(
         self,
@@ -168,6 +218,7 @@ class EncoderGroup:
         one frame or with all frames (the first is kept). The old commit record is removed first,
         so a rewrite is never visible half-done.
         """
+        self._arrays.clear()  # fresh metadata: another process may have grown the arrays
         rows = self.shard_range(kind, shard)
         if len(rows) == 0:
             raise IndexError(f"{self.key}: shard {shard} of {kind} is out of range ({self.num_shards(kind)} shards)")
@@ -222,28 +273,44 @@ class EncoderGroup:
             raise ValueError(f"{self.key}: features exceed the float16 range; use encoding='int8' or rescale")
         return data
 
+    def try_lease(self, kind: str, shard: int, owner: str | None = None, ttl: float = DEFAULT_TTL_S) -> Lease | HeldBy:
+        """The write lease of one shard of this group (one writer per shard; see `merv.store.lease`)."""
+        return try_acquire(self.kv, lease_key(kind, shard), owner, ttl)
+
     # ---------------------------------------------------------------- reading
-    def read_rows(self, kind: str, rows: np.ndarray | slice) -> np.ndarray:
+    def read_rows(self, kind: str, rows: np.ndarray | slice, must_exist: np.ndarray | None = None) -> np.ndarray:
         """Decoded float16 features of the given rows (no commit check: callers do that).
 
         Arbitrary rows go through `merv.store.direct` (one index read per shard, chunks fetched
-        and decoded concurrently); slices, and layouts it does not know, through zarr.
+        and decoded concurrently); slices, and layouts it does not know, through zarr. Absent data
+        reads as zeros, except rows in `must_exist` (committed, not failed): MissingShardDataError.
         """
-        return self.decode(*sync(self.fetch_rows(kind, rows)))
+        return self.decode(*sync(self.fetch_rows(kind, rows, must_exist)))
 
-    def fetch_rows(self, kind: str, rows: np.ndarray | slice) -> Coroutine[Any, Any, tuple[np.ndarray, np.ndarray | None]]:
+    def fetch_rows(
+        self, kind: str, rows: np.ndarray | slice, must_exist: np.ndarray | None = None
+    ) -> Coroutine[Any, Any, tuple[np.ndarray, np.ndarray | None]]:
         """Awaitable (stored values, int8 scales or None) of `rows`, both fetched concurrently.
 
         A coroutine so a reader can fetch every group of a batch in one gather: zarr then decodes
         all their chunks in its thread pool at once instead of one group after another. The
-        arrays are opened here, outside the event loop (opening is itself a sync zarr call)."""
+        arrays are opened here, outside the event loop (opening is itself a sync zarr call).
+        Data errors leave with this group's store, key and kind in their message."""
         arrays = [self.array(kind)] + ([self.scales(kind)] if self.spec.encoding == "int8" else [])
         idx = None if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
 
+        async def read(arr: zarr.Array) -> Any:
+            if idx is not None and direct.supports(arr):
+                return await direct.read_rows(arr, idx, must_exist)
+            if must_exist is not None:  # zarr would answer absent chunks with zeros: look first
+                await direct.require_stored(arr, must_exist)
+            return await (arr._async_array.getitem(rows) if idx is None else _read_runs(arr, idx))
+
         async def fetch() -> tuple[np.ndarray, np.ndarray | None]:
-            reads = [arr._async_array.getitem(rows) if idx is None else
-                     (direct.read_rows(arr, idx) if direct.supports(arr) else _read_runs(arr, idx)) for arr in arrays]
-            got = [np.asarray(x) for x in await asyncio.gather(*reads)]
+            try:
+                got = [np.asarray(x) for x in await asyncio.gather(*(read(arr) for arr in arrays))]
+            except StoreDataError as exc:
+                raise exc.located(url=self.url, group=self.key, kind=kind) from exc
             return got[0], (got[1] if len(got) > 1 else None)
 
         return fetch()

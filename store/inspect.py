@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from zarr.core.sync import sync
 
+from . import direct
+from .errors import ChunkChecksumError
 from .group import EncoderGroup, commit_key
 from .schema import KINDS, CommitRecord
 from .store import FeatureStore
@@ -91,14 +93,69 @@ class VerifyReport:
         return not self.problems
 
 
+def _arrays(group: EncoderGroup, kind: str) -> list[Any]:
+    return [group.array(kind)] + ([group.scales(kind)] if group.spec.encoding == "int8" else [])
+
+
 def _read_all(group: EncoderGroup, kind: str, rows: range) -> None:
-    group.array(kind)[rows.start : rows.stop]
-    if group.spec.encoding == "int8":
-        group.scales(kind)[rows.start : rows.stop]
+    for arr in _arrays(group, kind):
+        arr[rows.start : rows.stop]
+
+
+def _ids(table: Any, kind: str, rows: list[int]) -> list[str]:
+    return [table.ids[int(i)] for i in table.indices_of_rows(kind, np.array(rows, dtype=np.int64))]
+
+
+def _absent_rows(group: EncoderGroup, kind: str, shard: int, rows: range, failed: set[int]) -> tuple[list[int], list[str], bool]:
+    """(committed rows without stored data, what is missing, whether any row is stored at all).
+
+    Failed rows need no data: a shard whose every sample failed may have no object (stores
+    written before zarr's write_empty_chunks was applied on every open dropped all-zero chunks)."""
+    absent: set[int] = set()
+    notes: list[str] = []
+    any_stored = False
+    for arr in _arrays(group, kind):
+        stored = sync(direct.stored_rows(arr, shard))
+        gone = [row for row in rows if stored is None or not stored[row - rows.start]]
+        any_stored = any_stored or len(gone) < len(rows)
+        needed = [row for row in gone if row not in failed]
+        if needed:
+            absent.update(needed)
+            notes.append(f"its data object {direct.shard_object_name(arr, shard)!r} is missing" if stored is None else
+                         f"{len(needed)} committed chunk(s) are missing from {direct.shard_object_name(arr, shard)!r}")
+    return sorted(absent), notes, any_stored
+
+
+def _check_shard(group: EncoderGroup, kind: str, shard: int, rec: CommitRecord, table: Any) -> Problem | None:
+    """The problem of one committed shard, or None: every non-failed row stored and checksummed."""
+    rows = group.shard_range(kind, shard)
+    failed = {int(r) for r in rec.failed}
+    try:
+        missing, notes, any_stored = _absent_rows(group, kind, shard, rows, failed)
+    except ChunkChecksumError as exc:
+        return Problem(group.key, kind, shard, f"corrupt shard index ({exc.problem})", _ids(table, kind, list(rows)))
+    if missing:
+        return Problem(group.key, kind, shard, f"committed but {'; '.join(notes)}", _ids(table, kind, missing))
+    if not any_stored:
+        return None  # every sample failed and nothing was stored: nothing to checksum
+    try:
+        _read_all(group, kind, rows)
+    except Exception as exc:  # noqa: BLE001 - any decode failure is corruption to report
+        bad = []
+        for row in rows:
+            try:
+                _read_all(group, kind, range(row, row + 1))
+            except Exception:  # noqa: BLE001
+                bad.append(row)
+        return Problem(group.key, kind, shard, f"corrupt data ({type(exc).__name__}: {exc})", _ids(table, kind, bad))
+    return None
 
 
 def verify_store(store: FeatureStore, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-    """Re-read and checksum every committed chunk; name each corrupt shard and sample."""
+    """Re-read and checksum every committed chunk; name each corrupt or missing shard and sample.
+
+    A committed shard is sound when every row not recorded as failed has stored data that passes
+    its checksums; a shard whose samples all failed is sound with or without stored zeros."""
     report = VerifyReport()
     table = store.samples
     if len(set(table.ids)) != len(table.ids):
@@ -112,7 +169,6 @@ def verify_store(store: FeatureStore, progress: Callable[[int, int], None] | Non
             done += 1
             if progress:
                 progress(done, total)
-            rows = group.shard_range(kind, shard)
             if shard not in commits:
                 raw = group.kv.get(commit_key(kind, shard))
                 if raw is not None:
@@ -124,20 +180,8 @@ def verify_store(store: FeatureStore, progress: Callable[[int, int], None] | Non
                 report.uncommitted_shards += 1
                 continue
             report.shards_checked += 1
-            report.samples_checked += len(rows)
-            chunk_key = f"{kind}/c/{shard}/0/0/0/0"
-            if not group.kv.exists(chunk_key):
-                report.problems.append(Problem(group.key, kind, shard, f"committed but its data object {chunk_key!r} is missing"))
-                continue
-            try:
-                _read_all(group, kind, rows)
-            except Exception as exc:  # noqa: BLE001 - any decode failure is corruption to report
-                bad = []
-                for row in rows:
-                    try:
-                        _read_all(group, kind, range(row, row + 1))
-                    except Exception:  # noqa: BLE001
-                        bad.append(table.ids[int(table.indices_of_rows(kind, np.array([row]))[0])])
-                msg = f"corrupt data ({type(exc).__name__}: {exc})"
-                report.problems.append(Problem(group.key, kind, shard, msg, bad))
+            report.samples_checked += len(group.shard_range(kind, shard))
+            problem = _check_shard(group, kind, shard, commits[shard], table)
+            if problem is not None:
+                report.problems.append(problem)
     return report

@@ -1,7 +1,10 @@
 """Reading committed features: random access (id, index, batch) and shard streaming.
 
 A sample is returned only when every selected encoder group has a valid commit record covering
-it and it is not recorded as failed there; everything else is invisible as data.
+it and it is not recorded as failed there; everything else is invisible as data. What such a
+sample returns is its stored data or an error: a committed row whose shard object or chunk is
+gone raises MissingShardDataError (never zeros), a corrupt one ChunkChecksumError, both naming
+the store, encoder group, kind, shard and sample ids.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 import numpy as np
 from zarr.core.sync import sync
 
-from .errors import SampleNotFoundError, SampleUnavailableError
+from .errors import SampleNotFoundError, SampleUnavailableError, StoreDataError
 from .grid import pool_grid
 from .group import EncoderGroup
 from .schema import KINDS, CommitRecord
@@ -150,13 +153,14 @@ class FeatureReader:
         positions = {kind: [p for p, k in enumerate(kinds) if k == kind] for kind in KINDS}
         requests = [(name, kind) for name in self.groups for kind in KINDS if positions[kind]]
 
-        reads = [self.groups[name].fetch_rows(kind, self.table.rows[[indices[p] for p in positions[kind]]])
+        rows = {kind: self.table.rows[[indices[p] for p in positions[kind]]] for kind in KINDS}
+        reads = [self.groups[name].fetch_rows(kind, rows[kind], must_exist=rows[kind])
                  for name, kind in requests]  # built here: opening arrays is sync, the gather is not
 
         async def fetch_all() -> list[Any]:  # every group and kind in one gather (see fetch_rows)
             return await asyncio.gather(*reads)
 
-        fetched = dict(zip(requests, sync(fetch_all())))
+        fetched = dict(zip(requests, self._named(fetch_all())))
         out: dict[str, Any] = {}
         for name, group in self.groups.items():
             t = group.spec.grid[0]
@@ -196,9 +200,25 @@ class FeatureReader:
         stop = min(start + per, self.table.count(kind))
         feats: dict[str, Any] = {}
         for name, group in self.groups.items():
-            data = group.read_rows(kind, slice(start, stop))[local]
+            # one whole-shard read through zarr; the rows returned must be stored (failed ones need not)
+            raw = self._named(group.fetch_rows(kind, slice(start, stop), must_exist=start + local))
+            data = group.decode(*raw)[local]
             feats[name] = self._finish(self._broadcast(data, group.spec.grid[0], batched=True))
         return ShardBatch(kind, shard, [self.table.ids[i] for i in indices], indices, feats)
+
+    # ------------------------------------------------------------------ data errors
+    def _named(self, reads: Any) -> Any:
+        """Run the reads; a data error leaves naming the sample ids of its rows."""
+        try:
+            return sync(reads)
+        except StoreDataError as exc:
+            raise exc.located(samples=self._ids_of_rows(exc.where.get("kind"), exc.rows) or None) from exc
+
+    def _ids_of_rows(self, kind: str | None, rows: list[int]) -> list[str]:
+        if kind not in KINDS or not rows:
+            return []
+        rows = [r for r in rows if 0 <= r < self.table.count(kind)]
+        return [self.table.ids[int(i)] for i in self.table.indices_of_rows(kind, np.array(rows, dtype=np.int64))]
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

@@ -92,8 +92,15 @@ class StoreMeta:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "StoreMeta":
+        """Raises ValueError / TypeError / KeyError for attributes a reader could not use."""
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
+        meta = cls(**known)
+        grid, per = meta.grid, meta.samples_per_shard
+        if grid is not None and (not isinstance(grid, list) or len(grid) != 2 or not all(isinstance(v, int) and v > 0 for v in grid)):
+            raise ValueError(f"grid must be null or [h, w], got {grid!r}")
+        if not isinstance(per, dict) or not all(isinstance(per.get(k), int) and per[k] > 0 for k in KINDS):
+            raise ValueError(f"samples_per_shard must give a positive count for {', '.join(KINDS)}, got {per!r}")
+        return meta
 
     @property
     def grid_mode(self) -> str:

@@ -6,22 +6,29 @@ import datetime as _dt
 import getpass
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
+from . import lease as _lease
 from .errors import (
     AmbiguousEncoderError,
     FingerprintMismatchError,
     IncompatibleStoreError,
     NotAStoreError,
+    StoreAccessError,
+    StoreError,
     StoreExistsError,
+    StoreMetadataError,
     StoreNotFoundError,
     UnknownEncoderError,
 )
-from .group import EncoderGroup
+from .group import METADATA_ERRORS, EncoderGroup, node_file
+from .kv import GroupKV, store_of
 from .samples import SampleRecord, SampleTable
 from .schema import (
     DEFAULT_SHARD_BYTES,
@@ -37,7 +44,46 @@ from .schema import (
 
 SAMPLE_COLUMNS = ("id", "kind", "source", "row", "start", "end", "end_frame")
 SAMPLE_CHUNK = 65536
-_RESERVED = {"samples"}
+LEASES = "leases"  # lease objects (merv.store.lease): the store's metadata lock, groups' shard leases
+METADATA_LEASE = f"{LEASES}/metadata"
+_RESERVED = {"samples", LEASES, "zarr.json"}
+# The metadata lock guards seconds-long changes (create, add_samples, ensure_group); a writer that
+# finds it held waits this long for it, and a crashed holder's lock frees itself after the ttl.
+METADATA_LOCK_WAIT_S = 120.0
+METADATA_LOCK_TTL_S = 60.0
+
+
+# fsspec backends and the client libraries under them: their errors mean "cannot reach the store"
+_REMOTE_LIBRARIES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "adlfs", "azure", "fsspec"}
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+@contextmanager
+def remote_errors(url: str) -> Iterator[None]:
+    """Reaching a store behind an fsspec URL: a missing backend package, refused credentials, an
+    unreachable endpoint become one StoreAccessError naming the URL and the fix. FileNotFoundError
+    passes through (callers turn it into StoreNotFoundError), as do merv's own errors."""
+    if _is_local(url):
+        yield
+        return
+    protocol = url.split("://", 1)[0]
+    try:
+        yield
+    except (StoreError, FileNotFoundError):
+        raise
+    except ImportError as exc:
+        extra = _EXTRAS.get(protocol)
+        fix = f"pip install 'merv[{extra}]'" if extra else f"install the fsspec backend for {protocol}://"
+        raise StoreAccessError(f"store {url!r}: {protocol}:// needs a package that is not installed ({exc}); "
+                               f"{fix}") from exc
+    except Exception as exc:  # noqa: BLE001 - sorted right here: backend errors become one line, bugs do not
+        if not isinstance(exc, (OSError, TimeoutError)) and type(exc).__module__.split(".")[0] not in _REMOTE_LIBRARIES:
+            raise
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+        raise StoreAccessError(
+            f"cannot reach the store {url!r} ({detail}). Check the endpoint (AWS_ENDPOINT_URL or storage options "
+            "client_kwargs.endpoint_url), the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+            "GOOGLE_APPLICATION_CREDENTIALS) and the network") from exc
 
 
 def _is_local(url: str) -> bool:
@@ -60,10 +106,13 @@ class FeatureStore:
         self.root = root
         self.url = url
         self.writable = writable
-        attrs = dict(root.attrs)
-        self.meta = StoreMeta.from_json(dict(attrs["merv_store"]))
+        try:
+            self.meta = StoreMeta.from_json(dict(dict(root.attrs)["merv_store"]))
+        except METADATA_ERRORS as exc:
+            raise StoreMetadataError.of(node_file(url, ""), f"bad merv_store attributes: {type(exc).__name__}: {exc}") from exc
         self._samples: SampleTable | None = None
         self._groups: dict[str, EncoderGroup] = {}
+        self._lock_depth = 0
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -89,6 +138,29 @@ class FeatureStore:
         pooled = parse_grid(grid)
         if not overwrite and cls.exists(url, storage_options):
             raise StoreExistsError(url)
+        with remote_errors(url):
+            kv = GroupKV.at(store_of(_zarr_target(url), storage_options))
+        with remote_errors(url), _metadata_lease(kv, url):
+            if not overwrite and cls.exists(url, storage_options):  # created while we waited
+                raise StoreExistsError(url)
+            return cls._create_locked(url, kv, pooled, samples_per_shard, shard_bytes, bytes_per_sample,
+                                      storage_options, overwrite)
+
+    @classmethod
+    def _create_locked(
+        cls,
+        url: str,
+        kv: GroupKV,
+        pooled: tuple[int, int] | None,
+        samples_per_shard: dict[str, int] | int | None,
+        shard_bytes: int,
+        bytes_per_sample: dict[str, int] | None,
+        storage_options: dict[str, Any] | None,
+        overwrite: bool,
+    ) -> "FeatureStore":
+        """`create` once the metadata lock is held (the lock object lives in the store: keep it)."""
+        if overwrite:
+            _clear_except_leases(kv)
         if isinstance(samples_per_shard, int):
             samples_per_shard = {k: samples_per_shard for k in KINDS}
         if samples_per_shard is None:
@@ -103,9 +175,7 @@ class FeatureStore:
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             created_by=f"{getpass.getuser()}@{socket.gethostname()}",
         )
-        root = zarr.open_group(
-            _zarr_target(url), mode="w" if overwrite else "w-", zarr_format=3, storage_options=storage_options
-        )
+        root = zarr.open_group(_zarr_target(url), mode="a", zarr_format=3, storage_options=storage_options)
         root.attrs["merv_store"] = meta.to_json()
         samples = root.create_group("samples")
         for name, dtype in (("id", str), ("kind", "uint8"), ("source", str), ("row", "int64"),
@@ -116,13 +186,14 @@ class FeatureStore:
 
     @classmethod
     def exists(cls, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> bool:
+        """Whether a store's root document is there (not whether it is sound: `open` checks that)."""
         url = os.fspath(url)
         if _is_local(url):
             return os.path.exists(os.path.join(_local_path(url), "zarr.json"))
         try:
-            zarr.open_group(url, mode="r", zarr_format=3, storage_options=storage_options)
-            return True
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):  # type: ignore[attr-defined]
+            with remote_errors(url):
+                return GroupKV.at(store_of(url, storage_options, mode="r")).exists("zarr.json", fresh=True)
+        except FileNotFoundError:
             return False
 
     @classmethod
@@ -142,12 +213,15 @@ class FeatureStore:
             if not os.path.exists(os.path.join(path, "zarr.json")):
                 raise NotAStoreError(url, "no zarr.json at its top level")
         try:
-            root = zarr.open_group(_zarr_target(url), mode="r" if mode == "r" else "r+", zarr_format=3,
-                                   storage_options=storage_options)
+            with remote_errors(url):
+                root = zarr.open_group(_zarr_target(url), mode="r" if mode == "r" else "r+", zarr_format=3,
+                                       storage_options=storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:  # type: ignore[attr-defined]
             raise StoreNotFoundError(url) from exc
-        except (ValueError, TypeError, KeyError) as exc:
-            raise NotAStoreError(url, f"not a zarr v3 group: {exc}") from exc
+        except METADATA_ERRORS as exc:
+            raise StoreMetadataError.of(node_file(url, ""), f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(root, zarr.Group):
+            raise NotAStoreError(url, "a zarr array, not a group")
         info = dict(root.attrs).get("merv_store")
         if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
             raise NotAStoreError(url, "a zarr group without MERV store metadata")
@@ -157,11 +231,17 @@ class FeatureStore:
 
     @classmethod
     def open_or_create(cls, url: str | os.PathLike[str], **create_kwargs: Any) -> "FeatureStore":
-        """Open for writing if present (checking the grid agrees), else create."""
+        """Open for writing if present (checking the grid agrees), else create.
+
+        Safe when several processes do it at once: creation happens under the metadata lock, and
+        whoever finds the store created meanwhile opens it."""
         url = os.fspath(url)
         opts = create_kwargs.get("storage_options")
         if not cls.exists(url, opts):
-            return cls.create(url, **create_kwargs)
+            try:
+                return cls.create(url, **create_kwargs)
+            except StoreExistsError:
+                pass  # another process created it while we waited for the lock
         store = cls.open(url, mode="a", storage_options=opts)
         want = parse_grid(create_kwargs.get("grid"))
         have = tuple(store.meta.grid) if store.meta.grid else None
@@ -176,12 +256,51 @@ class FeatureStore:
         if not self.writable:
             raise PermissionError(f"store {self.url!r} was opened read-only; open it with mode='a' to write")
 
+    @contextmanager
+    def metadata_lock(self, timeout_s: float = METADATA_LOCK_WAIT_S) -> Iterator[None]:
+        """Hold the store's metadata lock (re-entrant): one process at a time changes the sample
+        table or creates groups. Waits up to `timeout_s`, then StoreBusyError ("... held by
+        host:pid since ..."). Re-reads the store on entry, since another process may have changed it.
+        """
+        self._require_writable()
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        with _metadata_lease(GroupKV(self.root), self.url, timeout_s):
+            self._lock_depth = 1
+            self.refresh()
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+
     # ------------------------------------------------------------------ samples
+    def _node(self, path: str) -> Any:
+        """root[path], with a corrupt or missing zarr.json named as such."""
+        top = path.split("/")[0]
+        group_dir = None if top in _RESERVED else f"{self.url.rstrip('/')}/{top}"
+        try:
+            return self.root[path]
+        except METADATA_ERRORS as exc:
+            file = node_file(self.url, path)
+            if isinstance(exc, KeyError) and not GroupKV(self.root).exists(f"{path}/zarr.json"):
+                raise StoreMetadataError.of(file, "the file is missing", group_dir) from exc
+            raise StoreMetadataError.of(file, f"{type(exc).__name__}: {exc}", group_dir) from exc
+
+    def _sample_column(self, name: str) -> np.ndarray:
+        arr = self._node(f"samples/{name}")
+        if not isinstance(arr, zarr.Array) or arr.ndim != 1:
+            raise StoreMetadataError.of(node_file(self.url, f"samples/{name}"), "not a one-dimensional array")
+        return np.asarray(arr[:])
+
     @property
     def samples(self) -> SampleTable:
         if self._samples is None:
-            g = self.root["samples"]
-            cols = {name: np.asarray(g[name][:]) for name in SAMPLE_COLUMNS}  # type: ignore[index]
+            cols = {name: self._sample_column(name) for name in SAMPLE_COLUMNS}
             # A writer killed inside `add_samples` can leave some columns longer than others;
             # only rows every column holds exist (the next `add_samples` rewrites the rest).
             n = min(len(c) for c in cols.values())
@@ -201,12 +320,16 @@ class FeatureStore:
         return {k: table.count(k) for k in KINDS}
 
     def add_samples(self, records: Sequence[SampleRecord]) -> list[SampleRecord]:
-        """Append new samples (one writer at a time: the job driver). Returns those added.
+        """Append new samples under the metadata lock (so concurrent runs agree). Returns those added.
 
         An id already present with the same source and window is skipped; with a different one
         it is an error, because cached features would silently belong to another video.
         """
         self._require_writable()
+        with self.metadata_lock():
+            return self._add_samples_locked(records)
+
+    def _add_samples_locked(self, records: Sequence[SampleRecord]) -> list[SampleRecord]:
         table = self.samples
         new: list[SampleRecord] = []
         seen: dict[str, SampleRecord] = {}
@@ -251,9 +374,21 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ encoder groups
     def encoder_keys(self) -> list[str]:
-        return sorted(
-            name for name, node in self.root.groups() if name not in _RESERVED and "merv_encoder" in node.attrs
-        )
+        """Keys of the encoder groups; a child whose zarr.json is corrupt is an error naming it."""
+        kv = GroupKV(self.root)
+        keys = []
+        for name in kv.list_dir(""):
+            if name in _RESERVED or name.startswith("."):
+                continue
+            if not kv.exists(f"{name}/zarr.json"):
+                if kv.list_prefix(f"{name}/commits/"):
+                    raise StoreMetadataError.of(node_file(self.url, name), "the file is missing from an encoder group",
+                                                f"{self.url.rstrip('/')}/{name}")
+                continue  # not a zarr node (a stray folder or object)
+            node = self._node(name)
+            if isinstance(node, zarr.Group) and "merv_encoder" in node.attrs:
+                keys.append(name)
+        return sorted(keys)
 
     def group(self, key: str) -> EncoderGroup:
         if key not in self._groups:
@@ -287,14 +422,25 @@ class FeatureStore:
         return candidates[0]
 
     def ensure_group(self, spec: EncoderGroupSpec) -> EncoderGroup:
-        """Open the group for this exact configuration, creating it (and nothing else) if absent."""
+        """Open the group for this exact configuration, creating it (and nothing else) if absent.
+
+        Creation happens under the metadata lock: two runs adding one encoder make one group."""
         key = spec.key()
         if key in self.encoder_keys():
-            group = self.group(key)
-            if group.spec.group_fingerprint() != spec.group_fingerprint():
-                raise FingerprintMismatchError(self.url, spec.name, spec.group_fingerprint(), [group.key])
-            return group
+            return self._checked(self.group(key), spec)
         self._require_writable()
+        with self.metadata_lock():
+            if key in self.encoder_keys():  # another process created it meanwhile
+                return self._checked(self.group(key), spec)
+            return self._create_group_locked(spec)
+
+    def _checked(self, group: EncoderGroup, spec: EncoderGroupSpec) -> EncoderGroup:
+        if group.spec.group_fingerprint() != spec.group_fingerprint():
+            raise FingerprintMismatchError(self.url, spec.name, spec.group_fingerprint(), [group.key])
+        return group
+
+    def _create_group_locked(self, spec: EncoderGroupSpec) -> EncoderGroup:
+        key = spec.key()
         if self.meta.grid is not None and tuple(spec.grid[1:]) != tuple(self.meta.grid):
             raise IncompatibleStoreError(
                 f"store {self.url!r} is pooled to {self.meta.grid_mode}, but encoder {spec.name!r} "
@@ -306,3 +452,23 @@ class FeatureStore:
 
     def info(self) -> dict[str, Any]:
         return {"url": self.url, **self.meta.to_json(), "samples": len(self.samples), "rows": self.rows_per_kind()}
+
+
+@contextmanager
+def _metadata_lease(kv: GroupKV, url: str, timeout_s: float = METADATA_LOCK_WAIT_S) -> Iterator[None]:
+    """The store-wide lock for metadata changes, heartbeaten while held."""
+    lease = _lease.acquire(kv, METADATA_LEASE, ttl=METADATA_LOCK_TTL_S, timeout_s=timeout_s,
+                           held=f"store {url!r} is being modified")
+    with lease.kept_alive():
+        yield
+
+
+def _clear_except_leases(kv: GroupKV) -> None:
+    """Everything of an old store but its lease objects (`create(overwrite=True)` holds one)."""
+    store = kv._store
+    for name in kv.list_dir(""):
+        if name == LEASES:
+            continue
+        key = kv._key(name)
+        sync(store.delete(key))
+        sync(store.delete_dir(key))

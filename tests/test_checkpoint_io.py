@@ -212,7 +212,7 @@ def test_published_merv_config_maps_to_the_paper_connector(tmp_path) -> None:
     with torch.device("meta"):
         connector = Connector(specs, 4096, cfg.with_(fusion_embed_dim=3072))
     assert connector.num_tokens == merv_base["visual_feature_length"]
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download tyleryzhu/merv"):
+    with pytest.raises(FileNotFoundError, match="hf download tyleryzhu/merv"):
         load_published_merv("merv-frozen", cache_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="must hold config.json"):
         load_published_merv(str(tmp_path))

@@ -17,6 +17,7 @@ from merv.train.data import (
     InstructionData,
     InstructionDataError,
     MissingFeaturesError,
+    MissingReport,
     load_records,
 )
 
@@ -120,7 +121,7 @@ def test_missing_pending_and_failed_ids_fail_clearly_or_are_dropped(tmp_path, ca
     assert "4 pending" in msg and "1 failed" in msg and "13 not in the store" in msg
     assert "v4 (pending for dino)" in msg and "v1 (failed for dino: decode error: moov atom)" in msg
     assert "First 10:" in msg and "gone4 (not in" in msg and "gone5" not in msg  # only the first 10 are named
-    assert "allow_missing=True" in msg
+    assert "--allow-missing" in msg and "--join-key" in msg
     assert err.value.report.examples == 18
     with caplog.at_level(logging.WARNING, logger="merv.train.data"):
         data = InstructionData.build([DataSource(path, tmp_path / "s.zarr")], allow_missing=True)
@@ -179,5 +180,35 @@ def test_malformed_files_name_the_file_and_record(tmp_path):
     (tmp_path / "obj.json").write_text('{"id": 1}')
     with pytest.raises(InstructionDataError, match="list of records"):
         load_records(tmp_path / "obj.json")
-    with pytest.raises(FileNotFoundError, match="nope.json"):
+    with pytest.raises(InstructionDataError, match="nope.json does not exist; pass --data"):
         load_records(tmp_path / "nope.json")
+    with pytest.raises(InstructionDataError, match="is a directory"):
+        load_records(tmp_path)
+    (tmp_path / "empty.json").write_text("  \n")
+    with pytest.raises(InstructionDataError, match="empty.json: the file is empty"):
+        load_records(tmp_path / "empty.json")
+    (tmp_path / "latin1.json").write_bytes(b'[{"id": "caf\xe9"}]')
+    with pytest.raises(InstructionDataError, match="latin1.json: not UTF-8 text"):
+        load_records(tmp_path / "latin1.json")
+
+
+@pytest.mark.parametrize("turns, why", [
+    ([("gpt", "a"), ("human", "q")], "turn 0 comes from 'gpt'"),
+    ([("human", "q"), ("human", "q2")], "turn 1 comes from 'human'"),
+    ([("human", "q")], "has no answer"),
+])
+def test_conversations_that_cannot_train_are_refused_when_read(tmp_path, turns, why):
+    """Checked up front: otherwise a loader worker fails mid-epoch, or the record adds no answer tokens."""
+    conv = [{"from": who, "value": text} for who, text in turns]
+    path = write(tmp_path / "conv.json", [record("a"), {"id": "b", "conversations": conv}])
+    with pytest.raises(InstructionDataError, match=rf"conv.json: record 1 \(id 'b'\): the conversation {why}"):
+        load_records(path)
+
+
+def test_join_key_advice_names_cli_flags(tmp_path):
+    with pytest.raises(InstructionDataError, match="--join-key stem"):
+        DataSource(write(tmp_path / "a.json", [record("a")]), key="name")
+    report = MissingReport()
+    report.add("ghost", "not in the store", "not in s.zarr")
+    text = str(MissingFeaturesError(report))
+    assert "--allow-missing" in text and "--join-key stem" in text and "allow_missing=" not in text and "key=" not in text

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from merv.pipelines.demo import DemoConfig, run_demo
 
 
@@ -18,3 +20,29 @@ def test_reduced_demo_learns_colour_and_shape(tmp_path):
     assert saved["accuracy"] == acc
     for png in ("weights.png", "top_videos.png", "skills.png"):
         assert (tmp_path / "demo" / "plots" / png).stat().st_size > 5000
+
+
+def test_demo_output_directory_is_replaced_only_when_a_demo_made_it(tmp_path):
+    from merv.pipelines.demo import MARKER, DemoError, prepare_out_dir
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    with pytest.raises(DemoError, match="not made by `merv demo`.*--force"):
+        prepare_out_dir(user)
+    assert (user / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DemoError, match="not a directory"):
+        prepare_out_dir(tmp_path / "file", force=True)
+
+    made = tmp_path / "demo"
+    prepare_out_dir(made)  # new: created and marked
+    (made / "stale.txt").write_text("from the last demo")
+    prepare_out_dir(made)  # a demo's own directory is replaced
+    assert (made / MARKER).is_file() and not (made / "stale.txt").exists()
+    prepare_out_dir(user, force=True)  # --force: the user asked for it
+    assert not (user / "thesis.tex").exists() and (user / MARKER).is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_out_dir(empty)  # nothing to lose: reused
+    assert (empty / MARKER).is_file()

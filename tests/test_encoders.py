@@ -422,7 +422,7 @@ def test_missing_weights_error_names_model_and_places(tmp_path, monkeypatch):
         build_encoder("dinov2")
     text = str(err.value)
     assert "timm/vit_large_patch14_reg4_dinov2.lvd142m" in text and "empty-cache" in text
-    assert "huggingface-cli download timm/vit_large_patch14_reg4_dinov2.lvd142m" in text
+    assert "hf download timm/vit_large_patch14_reg4_dinov2.lvd142m --local-dir" in text and "--weights" in text
     with pytest.raises(WeightsNotFoundError, match="HF_HUB_OFFLINE"):
         build_encoder("languagebind", allow_download=True)  # offline wins: no network attempt
     with pytest.raises(WeightsNotFoundError, match="nowhere-dir"):

@@ -108,7 +108,7 @@ def test_missing_paper_weights_fail_before_the_store_is_touched(tmp_path, monkey
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "path": "a.mp4"}) + "\n")
     opts = ExtractOptions(encoders=["siglip"], size="paper", samples_per_shard=2)
-    with pytest.raises(FileNotFoundError, match="timm/vit_base_patch16_siglip_224.webli.*huggingface-cli download"):
+    with pytest.raises(FileNotFoundError, match="timm/vit_base_patch16_siglip_224.webli.*hf download.*--weights"):
         prepare_store(str(tmp_path / "m.jsonl"), str(tmp_path / "s.zarr"), opts)
     assert not (tmp_path / "s.zarr").exists()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -130,3 +131,46 @@ def test_decode_side_imports_stay_light():
             "print(sorted(m for m in ('torch', 'zarr', 'webdataset') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_unusable_manifests_are_named(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(SourceError, match=r"empty.jsonl lists no samples"):
+        read_manifest(tmp_path / "empty.jsonl")
+    (tmp_path / "header.csv").write_text("id,path\n")
+    with pytest.raises(SourceError, match=r"header.csv lists no samples"):
+        read_manifest(tmp_path / "header.csv")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"id": "caf\xe9", "path": "a.mp4"}\n')
+    with pytest.raises(SourceError, match=r"latin1.jsonl is not UTF-8 text"):
+        read_manifest(tmp_path / "latin1.jsonl")
+    (tmp_path / "strings.json").write_text('["a.mp4"]')
+    with pytest.raises(SourceError, match=r"strings.json\[0\]: expected a JSON object"):
+        read_manifest(tmp_path / "strings.json")
+    with pytest.raises(SourceError, match="local paths"):
+        discover("s3://bucket/manifest.jsonl")
+
+
+def test_remote_sources_are_fetched_or_named(tmp_path):
+    import fsspec
+
+    with fsspec.open("memory://merv-test/clip.mp4", "wb") as fh:
+        fh.write(b"bytes of a clip")
+    with local_file("memory://merv-test/clip.mp4") as path:
+        assert Path(path).suffix == ".mp4" and Path(path).read_bytes() == b"bytes of a clip"
+    with pytest.raises(SourceError, match=r"memory://merv-test/none.mp4: no such object"):
+        with local_file("memory://merv-test/none.mp4"):
+            pass
+    with pytest.raises(SourceError, match=r"gs://bucket/a.mp4: .*gcsfs"):  # gcsfs is not installed here
+        with local_file("gs://bucket/a.mp4"):
+            pass
+
+
+def test_unreachable_endpoint_is_named():
+    """A fresh process: s3fs caches filesystems, so the endpoint must come from this environment alone."""
+    pytest.importorskip("s3fs")
+    code = ("from merv.extract.sources import SourceError, local_file\n"
+            "try:\n    local_file('s3://bucket/a.mp4').__enter__()\nexcept SourceError as e:\n    print(e)\n")
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+           "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard", "PATH": os.environ.get("PATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.stdout.startswith("s3://bucket/a.mp4: cannot be read") and "AWS_ENDPOINT_URL" in out.stdout, out

@@ -34,9 +34,12 @@ def _cli(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*MERV, "train", *args, "--quiet"], capture_output=True, text=True, env=env, timeout=300, **kw)
 
 
-def _last_per_step(path: Path) -> dict[int, dict]:
-    """Metrics by step; a resumed run re-logs steps after its checkpoint: keep the last."""
-    return {m["step"]: m for m in read_metrics(path)}
+def _one_per_step(path: Path) -> dict[int, dict]:
+    """Metrics by step; a resumed run drops the rows of the steps it redoes, so each step has one."""
+    rows = read_metrics(path)
+    steps = [m["step"] for m in rows]
+    assert len(steps) == len(set(steps)), f"duplicated metrics rows: {steps}"
+    return {m["step"]: m for m in rows}
 
 
 def test_two_gloo_processes_match_one_process(task, tmp_path):
@@ -75,8 +78,8 @@ def test_killed_run_resumes_exactly(task, tmp_path):
     assert resumed_from < "step-00000008", "the run finished before it could be killed"
     again = _cli([*common, "--out", str(run), "--resume"])
     assert again.returncode == 0, again.stderr[-2000:]
-    want = _last_per_step(tmp_path / "full" / "metrics.jsonl")
-    got = _last_per_step(run / "metrics.jsonl")
+    want = _one_per_step(tmp_path / "full" / "metrics.jsonl")
+    got = _one_per_step(run / "metrics.jsonl")
     assert sorted(got) == sorted(want) == list(range(1, 9))
     for step in range(1, 9):
         assert got[step]["ids_rank0"] == want[step]["ids_rank0"], step
@@ -120,6 +123,8 @@ def test_bad_configurations_fail_clearly(task, tmp_path):
         train(TrainConfig(**base, micro_batch_size=3))
     with pytest.raises(ValueError, match="tokens|grid|frames"):
         train(TrainConfig(**base, projector="avg2d", tokens_per_frame=64, pool_at_load=False))  # 4x4 grid < 8x8
+    with pytest.raises(TrainConfigError, match=r"no answer tokens: --max-length 6 truncated .*task.json.*raise --max-length"):
+        train(TrainConfig(**base, max_length=6))
     records = json.loads(Path(data).read_text()) + [
         {"id": "ghost-1", "video": "ghost-1.mp4", "conversations": [{"from": "human", "value": "<video>\nhi"},
                                                                    {"from": "gpt", "value": "red"}]}]

@@ -40,6 +40,18 @@ class CheckpointError(MervError, ValueError):
     """A checkpoint does not fit the model (missing / unexpected / mis-shaped tensors)."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint that is not where it was asked for (a path, or the HF cache)."""
+
+
+class NotAnExportError(CheckpointNotFoundError):
+    """A path given as a model export is not one (missing, a store, a run directory, empty, broken)."""
+
+    def __init__(self, path: str | os.PathLike[str], why: str) -> None:
+        super().__init__(f"{path} is not a MERV export directory: {why}; pass the export directory "
+                         "`merv train` writes (RUN/export, holding merv_config.json)")
+
+
 # --- our format ------------------------------------------------------------------------------
 
 
@@ -92,13 +104,49 @@ def save_merv(
 
 
 def read_merv_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(directory) / CONFIG_NAME
+    """The export's merv_config.json; a path that is no export raises `NotAnExportError` saying what it is."""
+    root = Path(directory)
+    path = root / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a MERV export directory (written by merv.train.checkpoint_io.save_merv)")
-    cfg = json.loads(path.read_text())
-    if cfg.get("format") != FORMAT or int(cfg.get("version", 0)) > VERSION:
-        raise CheckpointError(f"{path}: format {cfg.get('format')!r} v{cfg.get('version')} is not readable by this version")
+        raise NotAnExportError(root, _what_it_is(root))
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NotAnExportError(root, f"{CONFIG_NAME} is not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise NotAnExportError(root, f"{CONFIG_NAME} is not a {FORMAT} config")
+    if int(cfg.get("version", 0)) > VERSION:
+        raise CheckpointError(f"{path}: format {FORMAT} v{cfg.get('version')} is newer than this merv reads (v{VERSION}); upgrade merv")
+    lacking = [k for k in ("connector", "feature_specs", "d_llm", "llm") if k not in cfg]
+    if lacking:
+        raise NotAnExportError(root, f"{CONFIG_NAME} lacks {lacking}")
     return cfg
+
+
+def check_export(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """`read_merv_config` plus the files loading needs, so a broken export fails before any other work."""
+    root = Path(directory)
+    cfg = read_merv_config(root)
+    needed = [CONNECTOR_WEIGHTS] + (["llm/config.json"] if cfg["llm"].get("saved") else [])
+    absent = [f for f in needed if not (root / f).is_file()]
+    if absent:
+        raise NotAnExportError(root, f"{', '.join(absent)} missing (an interrupted export?)")
+    return cfg
+
+
+def _what_it_is(root: Path) -> str:
+    """What a path that should be an export is instead, for the error message."""
+    if not root.exists():
+        return "no such file or directory"
+    if not root.is_dir():
+        return "it is a file"
+    if (root / "export" / CONFIG_NAME).is_file():
+        return f"it is a training run directory; its export is {root / 'export'}"
+    if (root / "zarr.json").is_file():
+        return "it is a feature store"
+    if not any(root.iterdir()):
+        return "the directory is empty"
+    return f"no {CONFIG_NAME} in it"
 
 
 def load_merv(
@@ -116,7 +164,7 @@ def load_merv(
     from .llm import choose_attn_implementation, load_llm, load_tokenizer
 
     root = Path(directory)
-    cfg = read_merv_config(root)
+    cfg = check_export(root)
     specs = [FeatureSpec.from_dict(d) for d in cfg["feature_specs"]]
     connector = Connector(specs, int(cfg["d_llm"]), ConnectorConfig.from_dict(cfg["connector"]))
     _load_strict(connector, load_file(str(root / CONNECTOR_WEIGHTS)), "connector")
@@ -128,7 +176,7 @@ def load_merv(
         )
     else:
         if not source:
-            raise CheckpointError(f"{root}: the LLM was not saved and no llm_source is recorded; pass llm_source=")
+            raise CheckpointError(f"{root}: the LLM was not saved and no LLM source is recorded; re-export it with its LLM")
         llm, _ = load_llm(source, dtype=dtype or torch.bfloat16, attn_implementation=attn)
     tok_dir = root / "tokenizer"
     tokenizer = (
@@ -307,7 +355,7 @@ def _find_reference_files(source: str, cache_dir: str | None) -> tuple[Path, Pat
     if root.is_dir():
         cfg, pt = root / "config.json", root / "checkpoints" / "latest-checkpoint.pt"
         if not cfg.is_file() or not pt.is_file():
-            raise FileNotFoundError(f"{root} must hold config.json and checkpoints/latest-checkpoint.pt (a MERV run directory)")
+            raise CheckpointNotFoundError(f"{root} must hold config.json and checkpoints/latest-checkpoint.pt (a MERV reference run directory)")
         return cfg, pt
     from huggingface_hub import hf_hub_download
 
@@ -315,9 +363,9 @@ def _find_reference_files(source: str, cache_dir: str | None) -> tuple[Path, Pat
         cfg = hf_hub_download("tyleryzhu/merv", f"{source}/config.json", cache_dir=cache_dir, local_files_only=True)
         pt = hf_hub_download("tyleryzhu/merv", f"{source}/checkpoints/latest-checkpoint.pt", cache_dir=cache_dir, local_files_only=True)
     except Exception as err:  # huggingface_hub raises several types when offline / missing
-        raise FileNotFoundError(
-            f"published MERV checkpoint {source!r} is not in the HF cache; download on a machine with internet: "
-            f"`huggingface-cli download tyleryzhu/merv --include '{source}/*'`, or pass the run directory ({err})"
+        raise CheckpointNotFoundError(
+            f"published MERV checkpoint {source!r} is not in the HF cache; download it on a machine with internet: "
+            f"`hf download tyleryzhu/merv --include '{source}/*'`, or pass the run directory ({err})"
         ) from err
     return Path(cfg), Path(pt)
 

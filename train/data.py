@@ -14,7 +14,8 @@ A record without "id" is named "<file stem>:<record number>" (fine for text-only
 
 Availability is decided once, up front: an example whose sample is not in the store, or is
 pending / failed for a selected encoder, raises `MissingFeaturesError` (count + first ids) unless
-`allow_missing=True`, which drops those examples and logs the count (`InstructionData.missing`).
+`allow_missing=True` (`merv train --allow-missing`), which drops those examples and logs the count
+(`InstructionData.missing`).
 
 Tokenisation is NOT done here: the loader tokenises lazily per example in its workers, so start-up
 is one JSON parse whatever the data size, and the tokenizer / prompt format can change per run
@@ -38,9 +39,12 @@ import torch
 from merv import MervError
 from merv.store import KINDS, FeatureReader, FeatureStore
 
+from .prompts import conversation_problem
+
 log = logging.getLogger(__name__)
 
 JoinKey = str | Callable[[dict[str, Any]], str]
+JOIN_KEYS = ("id", "stem")
 VISUAL_KEYS = ("video", "image")
 MAX_LISTED = 10  # ids named in a missing-features report
 
@@ -66,12 +70,13 @@ class DataSource:
     def __post_init__(self) -> None:
         paths = [self.json_paths] if isinstance(self.json_paths, (str, os.PathLike)) else list(self.json_paths)
         if not paths:
-            raise ValueError("DataSource needs at least one JSON / JSONL file")
+            raise InstructionDataError("no instruction data: pass --data FILE.json (LLaVA / Video-LLaVA conversations)")
         self.json_paths = [os.fspath(p) for p in paths]
         if self.store_url is not None:
             self.store_url = os.fspath(self.store_url)
-        if isinstance(self.key, str) and self.key not in ("id", "stem"):
-            raise ValueError(f"DataSource key must be 'id', 'stem' or a callable, got {self.key!r}")
+        if isinstance(self.key, str) and self.key not in JOIN_KEYS:
+            raise InstructionDataError(f"join key {self.key!r} is unknown: pass --join-key id (the record's \"id\") "
+                                       "or --join-key stem (the file name of its video / image)")
         if self.name is None:
             self.name = Path(self.json_paths[0]).name
 
@@ -109,8 +114,8 @@ class MissingFeaturesError(MervError, RuntimeError):
     def __init__(self, report: MissingReport) -> None:
         super().__init__(
             f"{report}. Finish or fix the extraction (`merv extract` resumes; --retry-failed redoes failures), "
-            "check the join key (DataSource key='id' | 'stem'), or pass allow_missing=True (--allow-missing) "
-            "to drop these examples."
+            "check the join key (--join-key stem joins by video file name, --join-key id by the record's \"id\"), "
+            "or pass --allow-missing to drop these examples."
         )
         self.report = report
 
@@ -153,29 +158,46 @@ class PackedStrings:
 
 # --------------------------------------------------------------------------- reading files
 def load_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Records of one `.json` (a list) or `.jsonl` (one object per line) file, validated."""
+    """Records of one `.json` (a list) or `.jsonl` (one object per line) file, validated.
+
+    Every problem is an `InstructionDataError` naming the file (and line / record), raised here
+    where the file is read, so a run fails before any model is built.
+    """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"instruction data file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            records = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise InstructionDataError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
-        else:
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise InstructionDataError(f"{path}: not valid JSON ({exc})") from exc
+    text = _read_text(path)
+    if not text.strip():
+        raise InstructionDataError(f"instruction data file {path}: the file is empty; pass a JSON list of LLaVA records or JSONL")
+    if path.endswith(".jsonl"):
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise InstructionDataError(f"{path}:{n}: not valid JSON ({exc.msg}); a .jsonl file holds one record per line") from exc
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InstructionDataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
     if not isinstance(records, list):
-        raise InstructionDataError(f"{path}: expected a list of records (LLaVA format), got {type(records).__name__}")
+        raise InstructionDataError(f"{path}: expected a list of records (LLaVA format), got a JSON {type(records).__name__}")
     for n, rec in enumerate(records):
         _check_record(rec, path, n)
     return records
+
+
+def _read_text(path: str) -> str:
+    """The text of an instruction data file, or an error naming it (missing, a directory, not UTF-8)."""
+    if not os.path.exists(path):
+        raise InstructionDataError(f"instruction data file {path} does not exist; pass --data FILE.json (or .jsonl)")
+    if os.path.isdir(path):
+        raise InstructionDataError(f"instruction data {path} is a directory; pass --data FILE.json (or .jsonl), one file each")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as exc:
+        raise InstructionDataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 JSON") from exc
 
 
 def _check_record(rec: Any, path: str, n: int) -> None:
@@ -188,6 +210,9 @@ def _check_record(rec: Any, path: str, n: int) -> None:
     for t, turn in enumerate(conv):
         if not isinstance(turn, dict) or "from" not in turn or not isinstance(turn.get("value"), str):
             raise InstructionDataError(f"{where}: turn {t} needs 'from' and a string 'value'")
+    problem = conversation_problem(conv)
+    if problem is not None:
+        raise InstructionDataError(f"{where}: the conversation {problem}")
 
 
 def visual_path(rec: dict[str, Any]) -> str | None:
@@ -208,10 +233,10 @@ def join_key(rec: dict[str, Any], key: JoinKey) -> str:
     if key == "stem":
         path = visual_path(rec)
         if path is None:
-            raise InstructionDataError(f"record {rec.get('id')!r} has no video/image path to take a stem from")
+            raise InstructionDataError(f"record {rec.get('id')!r} has no video/image path to take a stem from (--join-key stem)")
         return PurePosixPath(path.replace("\\", "/")).stem
     if "id" not in rec:
-        raise InstructionDataError(f"a visual record has no 'id' ({visual_path(rec)!r}); use DataSource(key='stem')")
+        raise InstructionDataError(f"a visual record has no 'id' ({visual_path(rec)!r}); pass --join-key stem to join by file name")
     return str(rec["id"])
 
 
@@ -336,9 +361,12 @@ class InstructionData:
         if missing:
             if not allow_missing:
                 raise MissingFeaturesError(missing)
-            log.warning("dropping examples without features (allow_missing=True): %s", missing)
+            log.warning("dropping examples without features (--allow-missing): %s", missing)
         if not ids:
-            raise InstructionDataError("no usable examples in " + ", ".join(str(s.name) for s in sources))
+            files = ", ".join(p for src in sources for p in src.json_paths)  # type: ignore[union-attr]
+            why = (f"--allow-missing dropped all {missing.examples}: none has features in the store" if missing
+                   else "the files hold no records")
+            raise InstructionDataError(f"no usable examples in {files}: {why}")
 
         src_arr = np.asarray(source_of, dtype=np.int32)
         store_arr = np.asarray(store_of, dtype=np.int32)
@@ -445,9 +473,10 @@ def _open_readers(
             t, h, w = group.spec.grid
             shape = (t, *(pool_to or (h, w)), group.spec.dim)
             if name in shapes and shapes[name] != shape:
-                raise ValueError(
+                raise InstructionDataError(
                     f"encoder {name!r} has feature shape {shape} in {url!r} but {shapes[name]} in {urls[0]!r}; "
-                    "pass pool_to=(h, w) to read both at one grid, or use stores extracted with one configuration"
+                    "use stores extracted with one configuration (same --grid), or pool both at load time "
+                    "(pool_to=(h, w); `merv train` does so for the avg2d projector)"
                 )
             shapes[name] = shape
         readers.append(reader)

@@ -102,9 +102,16 @@ def _not_found(source: str, what: str, err: Exception) -> LLMNotFoundError:
     access = " (gated: accept the licence on the Hub and log in first)" if entry and entry.gated else ""
     return LLMNotFoundError(
         f"LLM {source!r}: no local {what} found (looked for directory {repo!r} and for {repo!r} in the HF cache, "
-        f"offline). Download it on a machine with internet, e.g. `huggingface-cli download {repo}`{access}, "
-        f"or pass a local directory holding config.json, the weights and the tokenizer. ({type(err).__name__}: {err})"
+        f"offline). Download it where the Hub is reachable{access}: `hf download {repo}` fills the HF cache (copy "
+        f"HF_HUB_CACHE here if offline), or `hf download {repo} --local-dir DIR` and pass `merv train --llm DIR`. "
+        f"({type(err).__name__}: {_short(err)})"
     )
+
+
+def _short(err: Exception, limit: int = 200) -> str:
+    """The first words of a library error: the cause, not transformers' multi-paragraph advice."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_tokenizer(source: str, *, model_max_length: int = 2048) -> Any:

@@ -39,9 +39,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from merv import MervError
+
 from .data import InstructionData
 
 IGNORE_INDEX = -100
+WORKER_ERROR = "merv_worker_error"  # a batch key: a user error raised in a DataLoader worker
 
 TokenIds = Sequence[int] | torch.Tensor
 Tokenize = Callable[[list[dict[str, str]]], tuple[TokenIds, TokenIds]]
@@ -204,10 +207,25 @@ class MicroBatchStream(IterableDataset):
         seq = epoch_sequence(self.data.block_offsets, self.data.block_members, self.seed, self.epoch, self.buffer_shards)
         micro = self.layout.micro_batches(seq, self.rank)
         for m in range(self.start + worker, len(micro), workers):
-            batch = collate(self.data, micro[m], self.tokenize, max_length=self.max_length, pad_id=self.pad_id,
-                            feature_dtype=self.feature_dtype)
+            try:
+                batch = collate(self.data, micro[m], self.tokenize, max_length=self.max_length, pad_id=self.pad_id,
+                                feature_dtype=self.feature_dtype)
+            except MervError as exc:
+                if info is None:
+                    raise
+                # torch would re-raise it as type(exc)(its traceback text): hand it over whole instead
+                yield {WORKER_ERROR: (type(exc), str(exc))}
+                return
             batch["epoch"], batch["micro_batch"] = self.epoch, m
             yield batch
+
+
+def _rebuilt(cls: type[MervError], message: str) -> MervError:
+    """A worker's user error, of its own class when that class takes just a message."""
+    try:
+        return cls(message)
+    except TypeError:
+        return MervError(f"{cls.__name__}: {message}")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -337,6 +355,7 @@ class StreamingLoader:
                 prefetch_factor=self.prefetch_factor,
                 pin_memory=self.pin_memory,
                 multiprocessing_context=self.multiprocessing_context,
+                worker_init_fn=_ignore_interrupts,
             )
         )
 
@@ -353,6 +372,8 @@ class StreamingLoader:
             except StopIteration:
                 break
             self.meter.add(time.perf_counter() - t0)
+            if WORKER_ERROR in batch:
+                raise _rebuilt(*batch[WORKER_ERROR])
             if batch["micro_batch"] != self.consumed or batch["epoch"] != epoch:
                 raise RuntimeError(
                     f"loader out of order: got micro-batch {batch['micro_batch']} of epoch {batch['epoch']}, "
@@ -395,3 +416,12 @@ class StreamingLoader:
                 )
             consumed = consumed // state["accum"] * self.layout.accum  # same number of global batches done
         self.epoch, self.consumed = int(state["epoch"]), consumed
+
+
+def _ignore_interrupts(_worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the trainer: a terminal's SIGINT reaches the whole
+    process group, and a worker killed by it would turn a graceful stop at the next step
+    boundary into a crash. The trainer ends its workers itself when it stops."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

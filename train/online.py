@@ -17,7 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from merv import MervError
+
 from .specs import FeatureSpec
+
+
+class OnlineEncodingError(MervError, ValueError):
+    """A model's encoders cannot be rebuilt online as asked (unknown encoder, size, or configuration)."""
 
 
 def _info(obj: Any, key: str, default: Any = None) -> Any:
@@ -33,9 +39,9 @@ def match_grid(x: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     if (t, h, w) == spec.grid:
         return x
     if t != spec.grid[0] or d != spec.dim:
-        raise ValueError(
+        raise OnlineEncodingError(
             f"encoder {spec.name!r} gives (t, d) = ({t}, {d}) but the model expects ({spec.grid[0]}, {spec.dim}); "
-            "the online encoder configuration (frames, layer) differs from the one the model was trained on"
+            "the online encoder configuration (--size, frames, layer) differs from the one the model was trained on"
         )
     y = F.adaptive_avg_pool2d(x.reshape(b * t, h, w, d).permute(0, 3, 1, 2), spec.grid[1:])
     return y.permute(0, 2, 3, 1).reshape(b, *spec.grid, d)
@@ -79,6 +85,7 @@ class OnlineEncoders:
         *,
         size: str = "paper",
         weights: str | None = None,
+        allow_download: bool = False,
         encoders: dict[str, Any] | None = None,
         frames: dict[str, int] | None = None,
         loader: Callable[[str, int], Any] | None = None,
@@ -90,6 +97,7 @@ class OnlineEncoders:
         self.decode_frames = decode_frames  # None: extraction's rule (see encode_path)
         self.size = size
         self.weights = weights  # build_encoder's: None (the size's default), "random", a file
+        self.allow_download = allow_download
         self._encoders: dict[str, Any] = dict(encoders or {})
         self._frames = dict(frames or {})
         self._loader = loader
@@ -100,7 +108,9 @@ class OnlineEncoders:
         if name not in self._encoders:
             from merv.extract.encoders import build_encoder  # lazy: train never imports extract otherwise
 
-            enc = build_encoder(name, size=self.size, weights=self.weights, device=self.device or "cpu")
+            _check_buildable(name, self.size)
+            enc = build_encoder(name, size=self.size, weights=self.weights, device=self.device or "cpu",
+                                allow_download=self.allow_download)
             if hasattr(enc, "eval"):
                 enc.eval()
             self._encoders[name] = enc
@@ -144,9 +154,11 @@ class OnlineEncoders:
         if self._loader is not None:
             clip = self._loader(path, n)
         else:
+            from merv.extract.sources import local_file
             from merv.extract.video import load_clip
 
-            clip = load_clip(path, n)
+            with local_file(path) as local:  # a URL or tar member is fetched like extraction fetches it
+                clip = load_clip(local, n)
         frames = getattr(clip, "frames", clip)
         return self.encode_frames(frames, device, is_image=bool(getattr(clip, "is_image", False)))
 
@@ -177,9 +189,10 @@ class OnlineFeatureFn:
             reader = data.readers()[0]
             self._encoders = {}
             for name, group in reader.groups.items():
+                _check_buildable(name, self.size)
                 enc = build_encoder(name, size=self.size, weights=self.weights, device=self.device)
                 if enc.info.fingerprint() != group.spec.fingerprint:
-                    raise ValueError(
+                    raise OnlineEncodingError(
                         f"--online: encoder {name!r} ({self.size}) has fingerprint {enc.info.fingerprint()} but the "
                         f"store's group {group.key} was extracted with {group.spec.fingerprint}; online training must "
                         "use the encoder configuration the store was made with"
@@ -209,6 +222,18 @@ class OnlineFeatureFn:
             for name, x in one.items():
                 feats[name][int(pos)] = x[0].to(dtype)
         return feats, has_visual
+
+
+def _check_buildable(name: str, size: str) -> None:
+    """Refuse an encoder the registry cannot build before any weights are looked for: the
+    model or store names it, so the message says which and what the registry has."""
+    from merv.extract.encoders.registry import ENCODERS, SIZES
+
+    if name not in ENCODERS:
+        raise OnlineEncodingError(f"encoder {name!r} of this model has no online builder (known: {', '.join(ENCODERS)}); "
+                                  "evaluate it from a feature store instead (`merv eval`)")
+    if size not in SIZES:
+        raise OnlineEncodingError(f"--size {size!r} is unknown; use one of {', '.join(SIZES)}")
 
 
 def _frames_decoded(reader: Any, encoders: dict[str, Any]) -> int:

@@ -18,6 +18,8 @@ from typing import Any, Iterable
 
 import torch
 
+from merv import MervError
+
 IGNORE_INDEX = -100
 PROMPT_FORMATS = ("pure", "llama2-chat", "vicuna-v15", "chat-template")
 PLACEHOLDERS = ("<video>", "<image>")
@@ -32,6 +34,28 @@ VICUNA_SYSTEM = (
 )
 
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+
+
+class ConversationError(MervError, ValueError):
+    """A conversation that cannot be tokenised with answer-only labels (turn order, roles, no answer)."""
+
+
+def conversation_problem(conversations: Iterable[dict[str, Any]]) -> str | None:
+    """Why a LLaVA conversation cannot be trained on, or None.
+
+    Data files are checked with this when they are read, so a bad record is named up front
+    instead of failing mid-epoch in a loader worker (or silently adding no answer tokens).
+    """
+    turns = list(conversations)
+    for t, turn in enumerate(turns):
+        expected = "human" if t % 2 == 0 else "gpt"
+        if _ROLES.get(turn.get("from")) != expected:
+            aliases = " / ".join(repr(k) for k, v in _ROLES.items() if v == expected)
+            return (f"turn {t} comes from {turn.get('from')!r} but must come from {aliases}: "
+                    "conversations alternate human / gpt, starting with human")
+    if len(turns) < 2:
+        return "has no answer (no 'gpt' turn after the question), so it has nothing to learn from"
+    return None
 
 
 def strip_placeholders(text: str) -> str:
@@ -57,7 +81,8 @@ class PromptBuilder(ABC):
         r = _ROLES.get(role)
         expected = "human" if self.turn_count % 2 == 0 else "gpt"
         if r != expected:
-            raise ValueError(f"turn {self.turn_count} must come from {expected!r}, got {role!r}; conversations alternate human/gpt")
+            raise ConversationError(
+                f"turn {self.turn_count} must come from {expected!r}, got {role!r}; conversations alternate human/gpt")
         return r
 
     def add_turn(self, role: str, message: str) -> str:
@@ -203,7 +228,7 @@ def tokenize_conversation(
         input_ids += ids
         labels += ids if i % 2 == 1 else [IGNORE_INDEX] * len(ids)  # odd turns are gpt answers
     if not input_ids:
-        raise ValueError("empty conversation")
+        raise ConversationError("empty conversation: a record needs at least a human and a gpt turn")
     if max_length is not None:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)

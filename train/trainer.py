@@ -4,6 +4,11 @@ One optimizer step consumes one global batch. Each rank takes its slice of it as
 micro-batches (see merv.train.loader). The loss of a step is the sum of token losses over the
 whole global batch divided by its number of answer tokens (all-reduced before the backward), so
 a step is the same computation for any world size and any split into micro-batches.
+
+Resume (`--resume`, `--resume-auto`) continues from the newest verified checkpoint (see
+merv.train.checkpoint) only when the resolved configuration matches the checkpoint's, as classified
+by `CONFIG_KEY_CLASSES`. SIGTERM / SIGINT stop the run at the next step boundary, agreed by every
+rank, after a checkpoint when `checkpoint_every` is set.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +30,16 @@ import torch.distributed as dist
 
 from merv import MervError
 
-from .checkpoint import full_model_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    HARMLESS,
+    ResumeError,
+    config_changes,
+    full_model_state,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+    select_checkpoint,
+)
 from .distributed import DistEnv, all_reduce_sum, init_distributed
 from .fsdp import shard_model
 from .metrics import MetricsLogger
@@ -31,6 +48,33 @@ from .schedule import build_optimizer, build_scheduler
 
 class TrainConfigError(MervError, ValueError):
     """A training configuration that cannot work; the message names the option and the fix."""
+
+
+class TrainingStopped(MervError):
+    """SIGTERM / SIGINT stopped the run at a step boundary; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+RESUME_MODES = {False: "no", True: "must", "no": "no", "must": "must", "auto": "auto"}
+
+# How `--resume` treats a difference between the checkpoint's resolved config and the new one, by
+# dotted key (fnmatch patterns). Every class but "harmless" is refused without --allow-config-change,
+# and so is a key no pattern matches. Re-point this table when the config's keys change.
+CONFIG_KEY_CLASSES: dict[str, tuple[str, ...]] = {
+    "model": ("recipe", "stage", "encoders", "projector", "tokens_per_frame", "fusion", "llm", "init_from",
+              "pool_at_load", "connector.*"),
+    "data order": ("data", "stores", "join_key", "allow_missing", "online", "seed", "global_batch_size", "max_length",
+                   "buffer_shards", "num_examples"),
+    "optimisation": ("lr", "warmup_ratio", "weight_decay", "max_grad_norm", "lr_schedule", "epochs", "max_steps",
+                     "total_steps"),
+    HARMLESS: ("out_dir", "resume", "allow_config_change", "checkpoint_every", "export", "num_workers",
+               "prefetch_factor", "device", "activation_checkpointing", "micro_batch_size", "world_size", "tensorboard",
+               "progress"),
+}
+CONFIG_CHANGES = "config_changes.json"  # in the run directory: the accepted config changes, by step
 
 
 @dataclass
@@ -59,7 +103,8 @@ class TrainConfig:
     max_length: int | None = None
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = only at the end
-    resume: bool = False
+    resume: bool | str = False  # True: must resume (refuse if nothing usable); "auto": or start fresh if no checkpoint
+    allow_config_change: bool = False  # resume even if model / data order / optimisation settings changed (recorded)
     export: bool = True
     online: bool = False
     num_workers: int = 0
@@ -77,7 +122,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
@@ -142,6 +187,35 @@ def resolve(config: TrainConfig, world_size: int) -> Resolved:
     )
 
 
+def _pool_at_load(config: TrainConfig, res: Resolved) -> bool:
+    """Pool features to the projector's grid while loading (default: avg2d from the store)."""
+    if config.pool_at_load is not None:
+        return config.pool_at_load
+    return res.connector.projector == "avg2d" and not config.online
+
+
+def _abs(path: str | None) -> str | None:
+    """A local path made absolute (a moved working directory is no config change); URLs unchanged."""
+    return path if path is None or "://" in path else str(Path(path).resolve())
+
+
+def resolved_config(config: TrainConfig, res: Resolved, *, num_examples: int, total_steps: int, world_size: int,
+                    activation_checkpointing: bool) -> dict[str, Any]:
+    """The config with every default filled in: what a checkpoint records and a resume compares."""
+    out = config.to_json()
+    out.update(
+        stage=res.stage.stage, encoders=list(config.encoders or res.recipe.encoders), llm=config.llm or res.recipe.llm,
+        projector=res.connector.projector, tokens_per_frame=res.connector.tokens_per_frame,
+        fusion=res.connector.fusion, connector=res.connector.to_dict(), pool_at_load=_pool_at_load(config, res),
+        data=[_abs(d) for d in config.data], stores=[_abs(s) for s in config.stores], init_from=_abs(config.init_from),
+        global_batch_size=res.global_batch, micro_batch_size=res.micro_batch, max_length=res.max_length,
+        lr=res.lr, warmup_ratio=res.warmup_ratio, weight_decay=res.weight_decay, max_grad_norm=res.max_grad_norm,
+        epochs=res.epochs, lr_schedule=res.stage.lr_schedule, total_steps=total_steps, num_examples=num_examples,
+        world_size=world_size, activation_checkpointing=activation_checkpointing,
+    )
+    return out
+
+
 def build_data(config: TrainConfig, res: Resolved) -> Any:
     """Instruction data joined to the store(s), with the encoder subset and load-time pooling."""
     from .data import DataSource, InstructionData
@@ -154,9 +228,7 @@ def build_data(config: TrainConfig, res: Resolved) -> Any:
     sources = [DataSource([d], s, key=config.join_key) for d, s in zip(config.data, stores)]
     encoders = config.encoders or list(res.recipe.encoders)
     pool_to = None
-    pool = config.pool_at_load if config.pool_at_load is not None else (
-        res.connector.projector == "avg2d" and not config.online)
-    if pool and res.connector.projector not in ("all_tokens", "cls"):
+    if _pool_at_load(config, res) and res.connector.projector not in ("all_tokens", "cls"):
         side = math.isqrt(res.connector.tokens_per_frame)
         pool_to = (side, side)
     data = InstructionData.build(sources, encoders=encoders, pool_to=pool_to, allow_missing=config.allow_missing)
@@ -226,14 +298,14 @@ def train(config: TrainConfig, feature_fn: Any = None) -> dict[str, Any]:
     held in memory through it; `config.online` installs the decode + encode one."""
     if feature_fn is not None and config.online:  # before any set-up: nothing to undo
         raise TrainConfigError("--online and a custom feature_fn both replace the store reads; choose one")
+    mode = _resume_mode(config.resume)
     env = init_distributed(config.device)
     torch.manual_seed(config.seed)
     res = resolve(config, env.world_size)
     out = Path(config.out_dir)
     ckpt_root = out / "checkpoints"
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_json(), indent=1))
+    point = select_checkpoint(ckpt_root, env, mode)  # refuse early, before anything is built or written
+    _note(env, *point.notes)
     data = build_data(config, res)
     specs = feature_specs(data, config.encoders or list(res.recipe.encoders))
     model = build_model(config, res, specs, env)
@@ -260,19 +332,26 @@ def train(config: TrainConfig, feature_fn: Any = None) -> dict[str, Any]:
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps) if config.epochs else config.max_steps
     ac = config.activation_checkpointing if config.activation_checkpointing is not None else env.device.type == "cuda"
+    resolved = resolved_config(config, res, num_examples=len(data), total_steps=total_steps,
+                               world_size=env.world_size, activation_checkpointing=ac)
     model = shard_model(model, env, activation_checkpointing=ac)
     optimizer = build_optimizer(model, res.lr, res.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, res.warmup_ratio)
+    run = _Run(config, res, env, ckpt_root, resolved)
     step = 0
-    if config.resume:
-        path = latest_checkpoint(ckpt_root)
-        if path is not None:
-            state = load_checkpoint(path, model, optimizer, env)
-            scheduler.load_state_dict(state["scheduler"])
-            loader.load_state_dict(state["loader"])
-            step = int(state["step"])
-    logger = MetricsLogger(out, enabled=env.is_main, tensorboard=config.tensorboard)
-    summary = _loop(config, res, env, model, optimizer, scheduler, loader, logger, step, total_steps, ckpt_root)
+    if point.path is not None:
+        step = _resume(run, point.path, model, optimizer, scheduler, loader)
+        run.resumed_from = point.path
+    if env.is_main:  # only now: config.json describes what is trained from here on
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_json(), indent=1))
+        if run.history:
+            (out / CONFIG_CHANGES).write_text(json.dumps(run.history, indent=1))
+    logger = MetricsLogger(out, enabled=env.is_main, tensorboard=config.tensorboard, start_step=step)
+    try:
+        summary = _loop(run, model, optimizer, scheduler, loader, logger, step, total_steps)
+    finally:
+        logger.close()
     if config.export:
         export_dir = out / "export"
         full = full_model_state(model)
@@ -284,22 +363,166 @@ def train(config: TrainConfig, feature_fn: Any = None) -> dict[str, Any]:
         if dist.is_initialized():
             dist.barrier()
         summary["export"] = str(export_dir)
-    logger.close()
     return summary
 
 
-def _loop(config: TrainConfig, res: Resolved, env: DistEnv, model: Any, optimizer: Any, scheduler: Any, loader: Any,
-          logger: MetricsLogger, step: int, total_steps: int, ckpt_root: Path) -> dict[str, Any]:
+
+@dataclass
+class _Run:
+    """What the loop, the saves and the resume share."""
+
+    config: TrainConfig
+    res: Resolved
+    env: DistEnv
+    ckpt_root: Path
+    resolved: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)  # accepted config changes, by step
+    resumed_from: Path | None = None
+
+
+def _resume_mode(resume: bool | str) -> str:
+    try:
+        return RESUME_MODES[resume]
+    except (KeyError, TypeError):
+        raise TrainConfigError(f"resume={resume!r}: use False, True (must resume) or 'auto'") from None
+
+
+def _note(env: DistEnv, *lines: str) -> None:
+    """Tell the user something they must not miss (a fallback, a fresh start), on rank 0."""
+    if env.is_main:
+        for line in lines:
+            print(f"note: {line}", file=sys.stderr, flush=True)
+
+
+def _resume(run: _Run, path: Path, model: Any, optimizer: Any, scheduler: Any, loader: Any) -> int:
+    """Restore everything from a verified checkpoint; returns its step. Refuses a changed config."""
+    state = read_trainer_state(path)
+    changes = config_changes(state.get("resolved_config", {}), run.resolved, CONFIG_KEY_CLASSES)
+    listed = "; ".join(c.describe() for c in changes)
+    if changes and not run.config.allow_config_change:
+        raise ResumeError(f"cannot resume from {path}: the configuration differs from the checkpoint's: {listed}. "
+                          "Resume with the checkpoint's settings, or pass --allow-config-change to continue with the new "
+                          "ones (the change is recorded in the run)")
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    load_checkpoint(path, model, optimizer, run.env, state)
+    step = int(state["step"])
+    _load_scheduler(scheduler, state["scheduler"], path)
+    loader_state = _remap_loader_state(state["loader"], loader) if changes else state["loader"]
+    try:
+        loader.load_state_dict(loader_state)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ResumeError(f"cannot resume from {path}: {exc}") from exc
+    run.history = list(state.get("config_changes", []))
+    if changes:
+        _apply_new_hyperparameters(optimizer, scheduler, fresh_groups)
+        changed = {c.key: {"kind": c.kind, "old": c.old, "new": c.new} for c in changes}
+        run.history.append({"step": step, "changes": changed})
+        _note(run.env, f"resuming {path} with a changed configuration (--allow-config-change), recorded in "
+                       f"{Path(run.config.out_dir) / CONFIG_CHANGES}: {listed}")
+    _note(run.env, f"resumed from {path} (step {step})")
+    return step
+
+
+def _load_scheduler(scheduler: Any, saved: Any, path: Path) -> None:
+    """Only the scheduler's own keys: LambdaLR.load_state_dict sets whatever attributes it is given."""
+    mine = scheduler.state_dict()
+    if not isinstance(saved, dict) or set(saved) != set(mine):
+        keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise ResumeError(f"{path}: the saved learning-rate scheduler state has keys {keys}, this run's scheduler "
+                          f"{sorted(mine)}; the checkpoint is damaged or from another schedule")
+    scheduler.load_state_dict(saved)
+
+
+def _apply_new_hyperparameters(optimizer: Any, scheduler: Any, fresh_groups: list[dict[str, Any]]) -> None:
+    """After an accepted config change: this run's lr / weight decay / ..., the schedule at the saved step."""
+    for group, fresh in zip(optimizer.param_groups, fresh_groups):
+        group.update({k: v for k, v in fresh.items() if k != "lr"})
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() (the logged lr) reports
+
+
+def _remap_loader_state(saved: dict[str, Any], loader: Any) -> dict[str, Any]:
+    """The saved position in this loader's terms after an accepted data-order change.
+
+    The epoch is kept and about the same number of its samples counts as done; the order of what is
+    left is the new configuration's (not the old run's)."""
+    mine = loader.state_dict()
+    if all(saved.get(k) == mine[k] for k in ("seed", "buffer_shards", "num_examples", "global_batch_size")):
+        return saved
+    samples = int(saved["micro_batches"]) // int(saved["accum"]) * int(saved["global_batch_size"])
+    batches = min(samples // mine["global_batch_size"], loader.steps_per_epoch)
+    return {**mine, "epoch": int(saved["epoch"]), "micro_batches": batches * mine["accum"]}
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT ask the run to stop at the next step boundary instead of dying mid-step.
+
+    Preemption (Slurm, Kubernetes) sends SIGTERM, Ctrl-C SIGINT. A second SIGINT stops at once
+    (KeyboardInterrupt); SIGTERM never escalates, since launchers may deliver it more than once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        if not self.signum:
+            _note(self.env, f"{signal.Signals(signum).name} received: stopping at the end of this step")
+        self.signum = self.signum or signum
+
+    def agreed(self) -> int:
+        """The signal any rank received (0: none): every rank stops at the same step, or none does."""
+        if self.env.world_size == 1 or not dist.is_initialized():
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=self.env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def _stopped(run: _Run, signum: int, step: int, total_steps: int, saved: Path | None,
+             saved_now: bool) -> TrainingStopped:
+    """The one-line report of a graceful stop: where it stopped, what was saved, how to go on."""
+    name = signal.Signals(signum).name
+    if saved_now:
+        where = f"checkpoint {saved} written"
+    elif saved is not None:
+        where = f"no new checkpoint (--checkpoint-every is {run.config.checkpoint_every}); the newest is {saved}"
+    else:
+        where = "no checkpoint written (--checkpoint-every is 0), so a rerun starts from step 0"
+    how = "continue with the same command plus --resume" if saved is not None else "rerun the command"
+    return TrainingStopped(f"stopped by {name} after step {step} of {total_steps}: {where}; {how}", 128 + signum)
+
+
+def _loop(run: _Run, model: Any, optimizer: Any, scheduler: Any, loader: Any, logger: MetricsLogger, step: int,
+          total_steps: int) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    config, res, env = run.config, run.res, run.env
     params = [p for p in model.parameters() if p.requires_grad]
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), disable=not (env.is_main and config.progress))
     losses: list[float] = []
     stream = _steps(loader, res.accum)
     start_step = step
+    saved, saved_step = run.resumed_from, (step if run.resumed_from else None)
     t_start = time.perf_counter()
-    with progress:
+    with progress, _StopRequest(env) as stop:
         task = progress.add_task("train", total=total_steps, completed=step, info="")
         while step < total_steps:
             t0 = time.perf_counter()
@@ -308,7 +531,10 @@ def _loop(config: TrainConfig, res: Resolved, env: DistEnv, model: Any, optimize
             tokens_local = sum(mb["num_label_tokens"] for mb in micro)
             n_tokens = all_reduce_sum(tokens_local, env.device).item()
             if n_tokens == 0:
-                raise RuntimeError(f"step {step + 1}: the global batch has no answer tokens (all truncated?); raise --max-length")
+                raise TrainConfigError(
+                    f"step {step + 1}: the global batch has no answer tokens: --max-length {res.max_length} truncated "
+                    f"every conversation in it before its answer (data: {', '.join(config.data)}); raise --max-length "
+                    "or shorten those conversations")
             loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
             seq_tokens = 0
             for i, mb in enumerate(micro):
@@ -339,9 +565,14 @@ def _loop(config: TrainConfig, res: Resolved, env: DistEnv, model: Any, optimize
                               "tokens_per_s": tokens / dt, "data_wait_frac": wait / dt, "step_s": dt,
                               "epoch": micro[0]["epoch"], "ids_rank0": ids})
             progress.update(task, advance=1, info=f"loss {loss:.4f} lr {lr:.2e} {samples / dt:.1f} samples/s")
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
-                _save(ckpt_root, step, model, optimizer, scheduler, loader, config, env)
-    _save(ckpt_root, step, model, optimizer, scheduler, loader, config, env)
+            signum = stop.agreed()
+            periodic = config.checkpoint_every and step % config.checkpoint_every == 0
+            if step < total_steps and (periodic or (signum and config.checkpoint_every)):
+                saved, saved_step = _save(run, step, model, optimizer, scheduler, loader), step
+            if signum and step < total_steps:
+                raise _stopped(run, signum, step, total_steps, saved, saved_step == step)
+        if saved_step != step:  # the end (a run resumed at its end has nothing new to save)
+            _save(run, step, model, optimizer, scheduler, loader)
     elapsed = time.perf_counter() - t_start
     if env.is_main:
         print(f"trained {step - start_step} steps (to step {step}/{total_steps}) in {elapsed:.1f}s; "
@@ -349,10 +580,10 @@ def _loop(config: TrainConfig, res: Resolved, env: DistEnv, model: Any, optimize
     return {"steps": step, "trained_steps": step - start_step, "losses": losses, "seconds": elapsed}
 
 
-def _save(root: Path, step: int, model: Any, optimizer: Any, scheduler: Any, loader: Any, config: TrainConfig,
-          env: DistEnv) -> None:
-    state = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "config": config.to_json()}
-    save_checkpoint(root, step, model, optimizer, state, env)
+def _save(run: _Run, step: int, model: Any, optimizer: Any, scheduler: Any, loader: Any) -> Path:
+    state = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "config": run.config.to_json(),
+             "resolved_config": run.resolved, "config_changes": run.history}
+    return save_checkpoint(run.ckpt_root, step, model, optimizer, state, run.env)
 
 
 def _steps(loader: Any, accum: int) -> Any:
@@ -368,14 +599,35 @@ def _steps(loader: Any, accum: int) -> Any:
             yield group
 
 
-def main_from_json(path: str) -> None:  # pragma: no cover - used by torchrun launches
-    train(TrainConfig.from_json(json.loads(Path(path).read_text())))
+STOP_REPORT_ENV = "MERV_TRAIN_STOP_REPORT"  # set by `merv train --nproc`: where rank 0 reports a graceful stop
+
+
+def main_from_json(path: str) -> int:  # pragma: no cover - used by torchrun launches
+    """torchrun entry: a MervError becomes one line (no traceback) and an exit status.
+
+    Under `merv train --nproc` a graceful stop is reported through the STOP_REPORT_ENV file and the
+    workers exit 0, so torchrun does not print a failure report; the launcher prints the line."""
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        train(TrainConfig.from_json(json.loads(Path(path).read_text())))
+    except TrainingStopped as exc:
+        report = os.environ.get(STOP_REPORT_ENV)
+        if report and rank == 0:
+            Path(report).write_text(json.dumps({"message": str(exc), "exit_code": exc.exit_code}))
+        elif not report and rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 0 if report else exc.exit_code
+    except MervError as exc:
+        print(f"error: {' '.join(str(exc).split())}" if rank == 0 else f"error (rank {rank}): {exc}", file=sys.stderr,
+              flush=True)
+        return 2
     if dist.is_initialized():
         dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    main_from_json(sys.argv[1])
-    os._exit(0)
+    code = main_from_json(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

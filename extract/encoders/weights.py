@@ -36,11 +36,13 @@ class WeightsNotFoundError(MervError, FileNotFoundError):
         self.model_id = model_id
         self.looked = list(looked)
         needed = " or ".join(filenames) + "".join(f" plus {f}" for f in extra_files)
+        local = f"WEIGHTS/{model_id.split('/')[-1]}"
         msg = (
             f"weights for {model_id!r} not found (looked in: {'; '.join(self.looked) or 'nowhere'}). "
-            f"Download them once on a machine with internet (`huggingface-cli download {model_id}`; "
-            f"needed: {needed}) and copy that HF cache (HF_HUB_CACHE) here, or pass "
-            f"weights=/path/to/dir-or-file, or build with allow_download=True where the network is reachable."
+            f"Download them where the Hub is reachable: `hf download {model_id} --local-dir {local}` "
+            f"(needed: {needed}) and pass --weights WEIGHTS (one directory can hold every encoder's folder), "
+            f"or `hf download {model_id}` into the HF cache (HF_HUB_CACHE) and copy that here, "
+            f"or pass --allow-download where the network is reachable."
         )
         super().__init__(msg + (f" {note}" if note else ""))
 

@@ -1,0 +1,42 @@
+"""`merv generate`: answer a question about a raw video with an exported model.
+
+The inputs are taken in order of cost so a bad one fails in seconds with its own error: the
+export's config, then the video (decoded once, as extraction decodes it) and the encoders
+(weights), and only then the LLM. The encoders run once, before the model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from merv.train.online import OnlineEncoders
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """What `merv generate` may change; None means "as the checkpoint's recipe says"."""
+
+    size: str | None = None  # encoder size: paper | small | tiny
+    weights: str | None = None  # encoder weights directory (else the recipe's, else the HF cache)
+    allow_download: bool = False
+    device: str | None = None
+    max_new_tokens: int | None = None  # None: MervModel.generate's default
+
+
+def answer_video(checkpoint: str, video: str, question: str, opts: GenerateOptions = GenerateOptions()) -> str:
+    """The model's answer to `question` about `video` (a path, fsspec URL or image)."""
+    from merv.pipelines.recipes import RECIPES
+    from merv.train.checkpoint_io import check_export, load_merv
+    from merv.train.specs import FeatureSpec
+
+    cfg = check_export(checkpoint)
+    recipe = RECIPES.get(str(cfg.get("extra", {}).get("recipe")))
+    size = opts.size or (recipe.size if recipe else "paper")
+    weights = opts.weights or (recipe.encoder_weights if recipe and not opts.size else None)
+    specs = [FeatureSpec.from_dict(d) for d in cfg["feature_specs"]]
+    encoders = OnlineEncoders(specs, size=size, weights=weights, allow_download=opts.allow_download, device=opts.device)
+    features = encoders.encode_path(video)
+    model = load_merv(checkpoint, device=opts.device)
+    features = {name: x.to(model.device) for name, x in features.items()}
+    limit = {} if opts.max_new_tokens is None else {"max_new_tokens": opts.max_new_tokens}
+    return model.generate(features, model.build_prompt(question), **limit).text

@@ -1,0 +1,233 @@
+"""`merv extract` at the edges of its runtime: bytes in flight, stop signals, a dying Ray node,
+and `--json` output that stays one JSON document.
+
+The SIGTERM, Ray-death and concurrency tests run the real CLI in subprocesses (each with its own
+embedded Ray), wait until some shard is committed, then act on the live job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import helpers_media as H  # noqa: E402 - the tests folder is on sys.path (conftest.py)
+import psutil
+import pytest
+
+from merv.extract.job import ExtractOptions, parse_bytes, run_extraction
+from merv.extract.plan import PAPER_DECODE_FRAMES
+from merv.extract.worker import CRASH_ONCE_ENV
+from merv.store import FeatureStore, verify_store
+
+BIN = Path(sys.executable).parent
+ENCODERS = ["dinov2", "vivit"]
+
+
+def _manifest(d: Path, rows: list[dict]) -> Path:
+    path = d / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _busy_manifest(d: Path, n: int = 36) -> Path:
+    """Enough real work (noisy 240x320 clips) that a job is still running seconds after its
+    first commit on 2 cores."""
+    d.mkdir(parents=True, exist_ok=True)
+    clip = H.write_video(d / "clip.mp4", n_frames=40, size=(144, 176), noise=12)
+    return _manifest(d, [{"id": f"s{i:03d}", "path": clip.name} for i in range(n)])
+
+
+def _cmd(manifest: Path, url: str, *extra: str) -> list[str]:
+    return [str(BIN / "merv"), "extract", str(manifest), "--store", url, "--size", "tiny", "--grid", "2x2",
+            "--encoders", ",".join(ENCODERS), "--samples-per-shard", "2", "--batch-size", "2", "--workers", "1",
+            "--quiet", *extra]
+
+
+def _env() -> dict[str, str]:
+    """A user's shell: nothing our own Ray session set."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+
+
+def _committed_shards(url: str) -> int:
+    """Shards committed in every encoder group (0 while the store is being created)."""
+    try:
+        store = FeatureStore.open(url)
+        keys = store.encoder_keys()
+        if len(keys) < len(ENCODERS):
+            return 0
+        return min(len(store.group(k).commits("video")) for k in keys)
+    except Exception:  # noqa: BLE001 - the store may be half-created while we poll
+        return 0
+
+
+def _start(cmd: list[str], url: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start the job and return once it has committed a shard (it is mid-run then)."""
+    proc = subprocess.Popen(cmd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while _committed_shards(url) < 1:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the job ended before its first commit:\n{out[-2000:]}\n{err[-3000:]}")
+        assert time.monotonic() < deadline, "no shard committed within 180 s"
+        time.sleep(0.05)
+    return proc
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"the job did not exit within {timeout} s:\n{out[-2000:]}\n{err[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left behind
+        except ProcessLookupError:
+            pass
+    return proc.returncode, out, err
+
+
+# ----------------------------------------------------------------------------------- bytes bound
+def test_decoded_bytes_in_flight_stay_under_the_budget(ray_session, tmp_path):
+    """Many copies of a 720p clip in ONE shard (the shard size says nothing about frames): the
+    driver keeps the decoded frames alive under --max-inflight-bytes, Ray's object store peaks
+    under it too, and nothing is spilled."""
+    clip = H.write_video(tmp_path / "hd.mp4", n_frames=1, size=(720, 1280))
+    manifest = _manifest(tmp_path, [{"id": f"hd{i:02d}", "path": clip.name} for i in range(12)])
+    per_sample = PAPER_DECODE_FRAMES * 720 * 1280 * 3  # one 1-frame clip decodes to 32 frames: 88 MB
+    budget = 3 * per_sample
+    opts = ExtractOptions(encoders=["dinov2"], size="tiny", grid="2x2", samples_per_shard=64, batch_size=2,
+                          workers=1, max_inflight_bytes=budget)
+    summary = run_extraction(str(manifest), str(tmp_path / "hd.zarr"), opts, show_progress=False)
+    assert summary.ok and summary.extracted == 12 and summary.shards == 1
+    assert summary.inflight_budget_bytes == budget
+    assert per_sample <= summary.peak_inflight_bytes <= budget
+    assert summary.object_store_peak_bytes is not None and summary.spilled_bytes == 0
+    assert per_sample <= summary.object_store_peak_bytes <= budget + 32 * 2**20
+    assert verify_store(FeatureStore.open(str(tmp_path / "hd.zarr"))).ok
+
+
+def test_parse_bytes_units():
+    assert parse_bytes("4GiB") == 4 * 2**30 and parse_bytes("500MB") == 500 * 10**6 and parse_bytes("123") == 123
+    assert parse_bytes("1.5g") == 1_500_000_000
+    for bad in ("", "-1GB", "3XB", "GB"):
+        with pytest.raises(Exception, match="--max-inflight-bytes"):
+            parse_bytes(bad, "--max-inflight-bytes")
+
+
+# ----------------------------------------------------------------------------------- signals
+N_BUSY = 16
+
+
+def _rerun_finishes(manifest: Path, url: str, left: int, committed: int) -> None:
+    again = run_extraction(str(manifest), url, ExtractOptions(encoders=ENCODERS, size="tiny", grid="2x2",
+                                                                  batch_size=2, workers=1), show_progress=False)
+    assert again.ok and again.extracted == left and again.skipped == committed
+    assert verify_store(FeatureStore.open(url)).ok
+
+
+def _committed_samples(url: str) -> int:
+    store = FeatureStore.open(url)
+    return min(sum(r.count for r in store.group(k).commits("video").values()) for k in store.encoder_keys())
+
+
+def test_sigterm_commits_or_abandons_then_reports_what_is_left(ray_session, tmp_path):
+    """The real CLI, SIGTERM to the driver only (as Kubernetes sends it): exit 143, the summary line
+    with what is left, a clean store, and the same command finishes the job."""
+    manifest = _busy_manifest(tmp_path / "media", n=N_BUSY)
+    url = str(tmp_path / "stop.zarr")
+    proc = _start(_cmd(manifest, url), url)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = _finish(proc, timeout=120)
+    assert code == 128 + signal.SIGTERM, (code, out[-2000:], err[-3000:])
+    assert "Traceback" not in out + err
+    line = out.strip().splitlines()[-1]
+    assert "stopped by SIGTERM" in line and "samples left" in line and "re-run" in line, line
+    left = int(line.split("stopped by")[1].split(":")[1].split("samples")[0])
+    assert verify_store(FeatureStore.open(url)).ok
+    committed = _committed_samples(url)
+    assert 0 < committed < N_BUSY and left == N_BUSY - committed  # the summary says exactly what is missing
+    _rerun_finishes(manifest, url, left, committed)
+
+
+def test_sigint_in_process_stops_at_the_next_step(ray_session, tmp_path):
+    """Ctrl-C while `run_extraction` runs in this process: no KeyboardInterrupt, a summary that
+    says SIGINT and what is left; the previous SIGINT handler is back afterwards."""
+    manifest = _busy_manifest(tmp_path / "media", n=N_BUSY)
+    url = str(tmp_path / "int.zarr")
+    handler = signal.getsignal(signal.SIGINT)
+
+    def interrupt_after_a_commit() -> None:
+        deadline = time.monotonic() + 180
+        while _committed_shards(url) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_after_a_commit, daemon=True).start()
+    opts = ExtractOptions(encoders=ENCODERS, size="tiny", grid="2x2", samples_per_shard=2, batch_size=2, workers=1)
+    summary = run_extraction(str(manifest), url, opts, show_progress=False)
+    assert summary.stopped == "SIGINT" and not summary.ok
+    assert signal.getsignal(signal.SIGINT) is handler
+    committed = _committed_samples(url)
+    assert 0 < committed < N_BUSY and summary.left == N_BUSY - committed
+    assert "stopped by SIGINT" in summary.line()
+    _rerun_finishes(manifest, url, summary.left, committed)
+
+
+# ----------------------------------------------------------------------------------- ray death
+def _ray_processes(root_pid: int, name: str) -> list[psutil.Process]:
+    return [p for p in psutil.Process(root_pid).children(recursive=True) if p.name() == name]
+
+
+def test_dead_raylet_ends_the_job_with_a_clear_error(tmp_path):
+    manifest = _busy_manifest(tmp_path / "media")
+    url = str(tmp_path / "dead.zarr")
+    proc = _start(_cmd(manifest, url), url)
+    raylets = _ray_processes(proc.pid, "raylet")
+    assert raylets, "no raylet under the job's process"
+    for p in raylets:
+        p.kill()
+    code, out, err = _finish(proc, timeout=90)
+    assert code == 2, (code, out[-2000:], err[-3000:])
+    assert "Traceback" not in err
+    message = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(message) == 1 and "raylet" in message[0] and "re-run" in message[0], err[-3000:]
+    store = FeatureStore.open(url)
+    assert verify_store(store).ok  # what was committed before the death is intact
+
+
+# ----------------------------------------------------------------------------------- two writers
+def test_two_concurrent_runs_on_one_store_commit_every_shard_exactly_once(tmp_path):
+    """Two `merv extract --json` processes started together on the same manifest and store: one
+    creates the store, the other waits for the metadata lock; shards are leased, so each is written
+    by one run, the other counts it as done by another run; both exit 0 and the store verifies clean.
+
+    The first worker (of either run) to write a shard is killed mid-shard (Ray's driver then prints
+    the raylet's complaint): with --json that goes to stderr and stdout stays one JSON document."""
+    manifest = _busy_manifest(tmp_path / "media", n=20)
+    url = str(tmp_path / "shared.zarr")
+    crash = {CRASH_ONCE_ENV: str(tmp_path / "crashed")}
+    procs = [subprocess.Popen(_cmd(manifest, url, "--json"), env={**_env(), **extra}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for extra in (crash, crash)]
+    results = [_finish(p, timeout=480) for p in procs]
+    for code, out, err in results:
+        assert code == 0, (code, out[-2000:], err[-3000:])
+    a, b = (json.loads(out) for _, out, _ in results)  # the whole of stdout, nothing else
+    assert (tmp_path / "crashed").exists(), "the fault was not injected"
+    assert any("died" in err or "Worker" in err for _, _, err in results)  # Ray's line went to stderr
+    store = FeatureStore.open(url)
+    shards = store.group(store.encoder_keys()[0]).num_shards("video")
+    assert a["shards"] + b["shards"] == shards  # no shard written twice
+    assert a["extracted"] + b["extracted"] == 20 and not a["failed"] and not b["failed"]
+    for run in (a, b):
+        assert run["extracted"] + run["by_other_runs"] + run["skipped"] == 20
+    assert all(len(store.group(k).commits("video")) == shards for k in store.encoder_keys())
+    assert len(store.samples) == 20 and verify_store(store).ok
