@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.merv-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the unit layer only (no Ray, no multi-process runs, no servers): the inner loop
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,11 +7,12 @@ traceback is shown only for genuine bugs, or for every error with `merv --debug`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
@@ -83,16 +84,35 @@ class _App(typer.Typer):
         return decorate
 
 
-app = _App(add_completion=False, no_args_is_help=True, help="MERV video LLMs with cached frozen-encoder features.")
-store_app = _App(no_args_is_help=True, help="Inspect and check feature stores.")
+# Plain (click-style) help: flags read as flags (`--resume`, not `--resume <bool>`), and the text
+# stays greppable in any terminal; `merv --install-completion` sets up shell completion.
+_HELP = {"rich_markup_mode": None, "no_args_is_help": True}
+app = _App(add_completion=True, help="MERV video LLMs with cached frozen-encoder features.", **_HELP)
+store_app = _App(help="Inspect and check feature stores.", **_HELP)
 app.add_typer(store_app, name="store")
-model_app = _App(no_args_is_help=True, help="Model recipes: sizes and FLOPs.")
+model_app = _App(help="Model recipes: sizes and FLOPs.", **_HELP)
 app.add_typer(model_app, name="model")
+
+
+# One spelling per shared option, every command.
+DEVICE_HELP = "auto (a GPU when there is one, else the CPU) | cpu | cuda | cuda:N"
+QUIET_HELP = "no progress bar"
+LIST_HELP = "repeatable, or comma-separated"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from merv import __version__
+
+        print(f"merv {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _global_options(
     debug: bool = typer.Option(False, "--debug", help="show the full traceback of every error (also MERV_DEBUG=1)"),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print merv's version and exit"),
 ) -> None:
     if debug:
         _DEBUG["on"] = True
@@ -168,56 +188,74 @@ def extract_cmd(
     source: Optional[str] = typer.Argument(
         None, help="manifest (.jsonl/.json/.csv), directory, or WebDataset .tar (glob / comma list); "
                    "omit to (re-)extract the samples the store already lists"),
-    store: str = typer.Option(..., "--store", help="output feature store (path or fsspec URL)"),
-    encoders: str = typer.Option("dinov2,siglip,vivit,languagebind", help="comma-separated encoder names"),
+    store: Optional[str] = typer.Option(None, "--store", help="output feature store (path or fsspec URL)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of extraction options (keys as in --print-config)"),
+    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE override of any option, e.g. --set batch_size=16; repeatable"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the resolved options as YAML and exit"),
+    encoders: list[str] = typer.Option([], "--encoders", help=f"encoder names (default: the paper's four); {LIST_HELP}"),
     weights: Optional[str] = typer.Option(None, help="directory with the encoders' weights (else the HF cache, offline); 'random': random init (benchmarks)"),
-    grid: str = typer.Option("8x8", help="cache pooled to HxW (least I/O) or 'native' (every token-count ablation)"),
-    encoding: str = typer.Option("fp16", help="fp16 | bitround | int8"),
+    grid: Optional[str] = typer.Option(None, help="cache pooled to HxW (default 8x8: least I/O) or 'native' (every token-count ablation)"),
+    encoding: Optional[str] = typer.Option(None, help="fp16 (default) | bitround | int8"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="join this Ray cluster (else RAY_ADDRESS, else embedded)"),
-    size: str = typer.Option("paper", help="'paper' (published weights), or random-init 'small' (benchmarks) / 'tiny' (tests, demo)"),
+    size: Optional[str] = typer.Option(None, help="'paper' (default: published weights), or random-init 'small' (benchmarks) / 'tiny' (tests, demo)"),
     workers: Optional[int] = typer.Option(None, help="encoder actors (default: one per GPU, else 1)"),
-    batch_size: int = typer.Option(8, help="clips per encoder forward (across videos)"),
-    inflight: int = typer.Option(2, help="shards open per encoder actor (bounds the actors' feature buffers)"),
+    batch_size: Optional[int] = typer.Option(None, help="clips per encoder forward, across videos (default 8)"),
+    inflight: Optional[int] = typer.Option(None, help="shards open per encoder actor (default 2; bounds the actors' feature buffers)"),
     max_inflight_bytes: Optional[str] = typer.Option(
         None, help="decoded frames alive at once, e.g. 4GiB or 500MB (default: a quarter of Ray's object store)"),
-    stop_grace: float = typer.Option(60.0, help="seconds shards may finish after SIGINT / SIGTERM before they are abandoned"),
-    decode_cpus: float = typer.Option(1.0, help="CPUs per decode task"),
+    stop_grace: Optional[float] = typer.Option(None, help="seconds shards may finish after SIGINT / SIGTERM before they are abandoned (default 60)"),
+    decode_cpus: Optional[float] = typer.Option(None, help="CPUs per decode task (default 1)"),
     worker_cpus: Optional[float] = typer.Option(None, help="CPUs reserved per actor (default 1 with GPUs, 0 on CPU-only)"),
     torch_threads: Optional[int] = typer.Option(None, help="torch threads per actor (default: the CPUs it may use)"),
-    device: str = typer.Option("auto", help="encoder device: auto | cpu | cuda"),
+    device: Optional[str] = typer.Option(None, "--device", help=f"encoder device: {DEVICE_HELP}"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="redo shards that hold recorded failures"),
     samples_per_shard: Optional[int] = typer.Option(None, help="samples per shard of a new store (else ~128 MiB shards)"),
     allow_download: bool = typer.Option(False, "--allow-download", help="let missing weights be fetched from the Hub"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    storage_options: Optional[str] = typer.Option(
+        None, help='fsspec options (JSON) for URL sources, videos and the store, e.g. \'{"endpoint_url": "http://..."}\'; '
+                   "AWS_* / GOOGLE_* environment variables work too"),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON document on stdout (logs go to stderr)"),
 ) -> None:
     """Decode every video once, run each frozen encoder once, write the feature store.
 
-    A re-run skips committed shards. Exit status 1 when a shard could not be written; after
-    SIGINT / SIGTERM, 128 + the signal number (committed shards are kept: re-run to continue).
+    Options come from the defaults, then --config FILE, then the flags, then --set (each flag is
+    one key of the file; `--print-config` shows them all). A re-run skips committed shards. Exit
+    status 1 when a shard could not be written; after SIGINT / SIGTERM, 128 + the signal number
+    (committed shards are kept: re-run to continue).
     """
     from rich.markup import escape
 
-    from merv.extract.job import ExtractOptions, parse_bytes, run_extraction
+    from merv.extract.job import load_extract_options, run_extraction
+    from merv.train.configurable import dump_config
 
+    flags = {"source": source, "store": store, "encoders": _listed(encoders), "weights": weights, "grid": grid,
+             "encoding": encoding, "ray_address": ray_address, "size": size, "workers": workers,
+             "batch_size": batch_size, "inflight_per_worker": inflight, "max_inflight_bytes": max_inflight_bytes,
+             "stop_grace_s": stop_grace, "decode_cpus": decode_cpus, "worker_cpus": worker_cpus,
+             "torch_threads": torch_threads, "device": device, "samples_per_shard": samples_per_shard,
+             "retry_failed": retry_failed or None, "allow_download": allow_download or None,
+             "storage_options": _json_option(storage_options, "--storage-options")}
+    opts = load_extract_options(str(config) if config else None, overrides,
+                                {k: v for k, v in flags.items() if v is not None})
+    if print_config:
+        print(dump_config(opts), end="")
+        return
+    if not opts.store:
+        _fail("no feature store to write: pass --store PATH (or `store:` in the --config file)")
     out = _json_stdout() if as_json else None
-    opts = ExtractOptions(
-        encoders=[e.strip() for e in encoders.split(",") if e.strip()], size=size, weights=weights, grid=grid,
-        encoding=encoding, workers=workers, batch_size=batch_size, inflight_per_worker=inflight,
-        retry_failed=retry_failed, ray_address=ray_address, device=device, allow_download=allow_download,
-        samples_per_shard=samples_per_shard, decode_cpus=decode_cpus, worker_cpus=worker_cpus,
-        torch_threads=torch_threads, stop_grace_s=stop_grace,
-        max_inflight_bytes=parse_bytes(max_inflight_bytes, "--max-inflight-bytes") if max_inflight_bytes else None,
-    )
-    summary = run_extraction(source, store, opts, console=Console(stderr=True), show_progress=not quiet)
+    summary = run_extraction(opts.source, opts.store, opts, console=Console(stderr=True), show_progress=not quiet)
     if out is not None:
         out.write(json.dumps(summary.to_json(), indent=2, default=str) + "\n")
         out.flush()
     else:
+        for note in summary.notes:
+            err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
         for sid, reason in list(summary.failed.items())[:20]:
             console.print(f"[yellow]failed[/] {escape(sid)}: {escape(reason)}", highlight=False, soft_wrap=True)
         if len(summary.failed) > 20:
-            console.print(f"... and {len(summary.failed) - 20} more failures (see `merv store info {store}`)")
+            console.print(f"... and {len(summary.failed) - 20} more failures (see `merv store info {opts.store}`)",
+                          highlight=False, markup=False)
         for shard, reason in list(summary.unfinished.items())[:20]:
             console.print(f"[red]not written[/] {shard}: {escape(reason)}", highlight=False, soft_wrap=True)
         console.print(summary.line(), highlight=False, soft_wrap=True, markup=False)
@@ -233,12 +271,12 @@ def extract_cmd(
 def model_info_cmd(
     recipe: str = typer.Argument("merv-frozen", help="recipe name (merv-frozen, merv-full, dinov2-single, ...)"),
     seq_len: Optional[int] = typer.Option(None, help="LLM sequence length for FLOPs (default: the recipe's max length)"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as one JSON document"),
 ) -> None:
     """Parameters per component and analytic FLOPs per sample, from a meta-device build (no weights)."""
-    from merv.pipelines.recipes import get_recipe
+    from merv.train.recipes import recipe_report
 
-    report = get_recipe(recipe).report(seq_len=seq_len).to_dict()
+    report = recipe_report(recipe, seq_len).to_dict()
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -254,31 +292,53 @@ def model_info_cmd(
                   f"encoders are {100 * enc / report['total_flops']:.1f}% of it: what feature caching removes")
 
 
-def _csv(value: Optional[str]) -> Optional[list[str]]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+def _json_option(value: Optional[str], flag: str) -> Any:
+    """A flag whose value is a JSON object (None when not given)."""
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        _fail(f"{flag} {value!r} is not JSON ({exc.msg}); pass an object such as '{{\"key\": \"value\"}}'")
+    if not isinstance(parsed, dict):
+        _fail(f"{flag} {value!r}: expected a JSON object of options")
+    return parsed
+
+
+def _listed(values: Optional[list[str]]) -> Optional[list[str]]:
+    """A list option's values: repeated flags and comma-separated values both count; None when not given."""
+    items = [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+    return items or None
 
 
 @app.command("train")
 def train_cmd(
-    data: list[str] = typer.Option(..., "--data", help="instruction data (LLaVA / Video-LLaVA JSON or JSONL); repeatable"),
-    store: list[str] = typer.Option([], "--store", help="feature store for the data (one, or one per --data)"),
-    recipe: str = typer.Option("tiny", help="merv-frozen | merv-full | <encoder>-single | tiny | ..."),
+    config_file: Optional[str] = typer.Option(
+        None, "--config", help="YAML / JSON run config, e.g. a run's config.yaml (reruns it); keys as in --print-config"),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="KEY=VALUE of any config key, e.g. --set optim.lr=2e-5 --set model.connector.fusion=concat_channel; "
+                          "repeatable, applied last"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the resolved config as YAML and exit"),
+    recipe: Optional[str] = typer.Option(
+        None, help="starting point: tiny (unless --config names one) | merv-frozen | merv-full | <encoder>-single | ..."),
     stage: Optional[str] = typer.Option(None, help="stage of the recipe: align | finetune | full-align (default: its last)"),
-    out: str = typer.Option("runs/train", "--out", help="run directory (config, metrics, checkpoints, export)"),
-    encoders: Optional[str] = typer.Option(None, help="encoder subset, e.g. dinov2,siglip,vivit (no re-extraction)"),
+    data: list[str] = typer.Option([], "--data", help=f"instruction data (LLaVA / Video-LLaVA JSON or JSONL); {LIST_HELP}"),
+    stores: list[str] = typer.Option([], "--store", help=f"feature store for the data (one, or one per --data); {LIST_HELP}"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (config.yaml, metrics, checkpoints, export)"),
+    encoders: list[str] = typer.Option([], "--encoders", help=f"encoder subset, e.g. dinov2,siglip,vivit (no re-extraction); {LIST_HELP}"),
     projector: Optional[str] = typer.Option(None, help="avg2d | avg3d | conv2d | conv3d | attentive | all_tokens | cls"),
     tokens_per_frame: Optional[int] = typer.Option(None, help="square token count per frame: 1, 4, 16, 64, 100, 144, 256"),
     fusion: Optional[str] = typer.Option(None, help="cross_attention | cross_attention_plain | concat_sequence | concat_channel | learnable_scalar | fixed_mix"),
-    llm: Optional[str] = typer.Option(None, help="override the recipe's LLM (registry id or local HF directory)"),
+    llm: Optional[str] = typer.Option(None, help="the LLM: registry id or local HF directory"),
     init_from: Optional[str] = typer.Option(None, help="start from a previous stage's export directory"),
-    global_batch_size: Optional[int] = typer.Option(None, help="samples per optimizer step (default: the recipe's)"),
+    global_batch_size: Optional[int] = typer.Option(None, help="samples per optimizer step"),
     micro_batch_size: Optional[int] = typer.Option(None, help="samples per forward per rank (gradient accumulation fills the rest)"),
-    lr: Optional[float] = typer.Option(None, help="peak learning rate (default: the recipe's)"),
-    epochs: Optional[int] = typer.Option(None),
-    max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate"),
+    epochs: Optional[int] = typer.Option(None, help="passes over the data (ignored when --max-steps is given)"),
+    max_steps: Optional[int] = typer.Option(None, help="train exactly this many optimizer steps (instead of epochs)"),
     max_length: Optional[int] = typer.Option(None, help="truncate conversations to this many tokens"),
-    seed: int = typer.Option(0),
-    checkpoint_every: int = typer.Option(0, help="checkpoint every N steps (always at the end)"),
+    seed: Optional[int] = typer.Option(None, help="seed of the initialisation and of the data order"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="checkpoint every N steps (always at the end)"),
     resume: bool = typer.Option(
         False, "--resume", help="continue the run in --out from its latest checkpoint (verified; falls back to the newest "
                                 "intact one and says so); refuse when there is none"),
@@ -289,97 +349,138 @@ def train_cmd(
         False, "--allow-config-change", help="resume although model, data-order or optimisation settings differ from "
                                              "the checkpoint's (the changes are recorded in the run)"),
     online: bool = typer.Option(False, "--online", help="decode + encode in the loop instead of reading the store (baseline)"),
-    num_workers: int = typer.Option(0, help="DataLoader workers reading the store"),
-    nproc: int = typer.Option(1, help="processes on this node (launches torchrun); or run under torchrun yourself"),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers reading the store"),
+    nproc: Optional[int] = typer.Option(None, help="processes on this node (launches torchrun); or run under torchrun yourself"),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="drop examples whose features are missing / failed"),
-    join_key: str = typer.Option("id", help="join instruction records to the store by 'id' or by the video file 'stem'"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    join_key: Optional[str] = typer.Option(None, help="join instruction records to the store by 'id' or by the video file 'stem'"),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     no_export: bool = typer.Option(False, "--no-export", help="skip the safetensors export at the end"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the run's summary as one JSON document on stdout"),
 ) -> None:
-    """Train connector (+ LLM) from cached features with FSDP; one process, or torchrun for several."""
-    from merv.train.trainer import TrainConfig, TrainingStopped, train
+    """Train connector (+ LLM) from cached features with FSDP; one process, or torchrun for several.
 
-    config = TrainConfig(
-        data=data, stores=store, recipe=recipe, stage=stage, out_dir=out, encoders=_csv(encoders), projector=projector,
-        tokens_per_frame=tokens_per_frame, fusion=fusion, llm=llm, init_from=init_from,
-        global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, lr=lr, epochs=epochs,
-        max_steps=max_steps, max_length=max_length, seed=seed, checkpoint_every=checkpoint_every,
-        resume="auto" if resume_auto else resume, allow_config_change=allow_config_change,
-        online=online, num_workers=num_workers, allow_missing=allow_missing, join_key=join_key, device=device,
-        export=not no_export, progress=not quiet,
-    )
-    if nproc > 1:
-        from merv.train.launch import launch_torchrun
+    The run's config is the recipe, then --config FILE, then the flags (each is one config key:
+    see --print-config), then --set; it is written to the run directory as config.yaml.
+    """
+    from merv.train.configurable import dump_config
+    from merv.train.recipes import load_run_config
+    from merv.train.trainer import TrainingStopped, train
 
-        try:
-            code = launch_torchrun(config, nproc)
-        except TrainingStopped as exc:
-            _fail(str(exc), code=exc.exit_code)
-        raise typer.Exit(code)
+    flags = {"recipe": recipe, "stage": stage, "data": _listed(data), "stores": _listed(stores), "out_dir": out_dir,
+             "encoders": _listed(encoders), "projector": projector, "tokens_per_frame": tokens_per_frame, "fusion": fusion,
+             "llm": llm, "init_from": init_from, "global_batch_size": global_batch_size,
+             "micro_batch_size": micro_batch_size, "lr": lr, "epochs": epochs, "max_steps": max_steps,
+             "max_length": max_length, "seed": seed, "checkpoint_every": checkpoint_every,
+             "resume": "auto" if resume_auto else (True if resume else None),
+             "allow_config_change": allow_config_change or None, "online": online or None, "num_workers": num_workers,
+             "nproc": nproc, "allow_missing": allow_missing or None, "join_key": join_key, "device": device,
+             "export": False if no_export else None, "progress": False if quiet else None}
+    config = load_run_config(file=config_file, flags={k: v for k, v in flags.items() if v is not None},
+                             overrides=overrides)
+    if print_config:
+        print(dump_config(config), end="")
+        return
     try:
+        if config.parallel.nproc > 1:
+            from merv.train.launch import launch_torchrun
+
+            raise typer.Exit(launch_torchrun(config))
         summary = train(config)
     except TrainingStopped as exc:  # SIGTERM / SIGINT: one line, exit status 128 + signal
         _fail(str(exc), code=exc.exit_code)
-    console.print(f"run directory: {out} ({summary['steps']} steps; export: {summary.get('export', 'skipped')})")
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    console.print(f"run directory: {config.checkpoint.out_dir} ({summary['steps']} steps; "
+                  f"export: {summary.get('export', 'skipped')})")
 
 
 @app.command("eval")
 def eval_cmd(
-    checkpoint: str = typer.Argument(..., help="export directory of `merv train` (run/export)"),
-    benchmarks: list[str] = typer.Option(..., "--benchmark", help="eval_data directory (test_q.json, test_a.json); repeatable"),
-    store: str = typer.Option(..., "--store", help="feature store holding the benchmark videos (see `merv eval-manifest`)"),
-    out: str = typer.Option("runs/eval", "--out"),
-    mode: str = typer.Option("generate", help="MCQ answering: generate (greedy + letter extraction) | loglik (option likelihood)"),
-    judge_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint for the open-ended LLM judge"),
-    judge_model: str = typer.Option("gpt-4o-mini-2024-07-18", help="judge model name"),
-    batch_size: int = typer.Option(8),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
+    checkpoint: Optional[str] = typer.Argument(None, help="export directory of `merv train` (run/export); key: checkpoint"),
+    config: Optional[str] = typer.Option(None, "--config", help="eval config file (YAML or JSON); see --print-config"),
+    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE for any config key, dotted (judge.url=...); repeatable"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the resolved config (YAML) and exit"),
+    benchmarks: list[str] = typer.Option([], "--benchmark", help=f"eval_data directory (test_q.json, test_a.json); {LIST_HELP}; key: benchmarks"),
+    store: Optional[str] = typer.Option(None, "--store", help="feature store holding the benchmark clips (see `merv eval-manifest`); key: store"),
+    out: Optional[str] = typer.Option(None, "--out", help="results directory; key: out"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="MCQ answering: generate (greedy + letter extraction) | loglik (option likelihood); key: mode"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint of the open-ended LLM judge; key: judge.url"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="judge model name; key: judge.model"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="questions per forward; key: batch_size"),
+    device: Optional[str] = typer.Option(None, "--device", help=f"{DEVICE_HELP}; key: device"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="answer length limit; key: max_new_tokens"),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON document on stdout"),
 ) -> None:
-    """Evaluate a checkpoint on MCQ / open-ended benchmarks from cached features (shard with torchrun)."""
-    from merv.pipelines.evaluate import evaluate
-    from merv.pipelines.scoring import JudgeClient
+    """Evaluate a checkpoint on MCQ / open-ended benchmarks from cached features (shard with torchrun).
 
-    judge = JudgeClient(judge_url, model=judge_model, api_key=os.environ.get("OPENAI_API_KEY")) if judge_url else None
-    result = evaluate(checkpoint, benchmarks, store, out, mode=mode, judge=judge, batch_size=batch_size, device=device)
-    if result is None:
-        console.print(f"rank done; after all ranks finish run: merv eval-finalize {out}")
+    Settings: defaults, then --config, then the shorthand flags below, then --set. The resolved config is
+    written to OUT/eval_config.yaml; the judge's API key comes from $OPENAI_API_KEY (judge.api_key_env).
+    """
+    from merv.pipelines.evaluate import load_eval_config, run_eval
+    from merv.train.configurable import dump_config
+
+    cfg = load_eval_config(config, overrides, {
+        "checkpoint": checkpoint, "benchmarks": _listed(benchmarks), "store": store, "out": out, "mode": mode,
+        "judge.url": judge_url, "judge.model": judge_model, "batch_size": batch_size, "device": device,
+        "max_new_tokens": max_new_tokens,
+    })
+    if print_config:
+        print(dump_config(cfg), end="")
         return
-    console.print(Path(out, "summary.md").read_text())
+    with _progress_bars("questions", enabled=not quiet) as progress:
+        result = run_eval(cfg, progress=progress)
+    if result is None:
+        console.print(f"rank done; after all ranks finish run: merv eval-finalize {cfg.out}")
+    elif as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        console.print(Path(cfg.out, "summary.md").read_text())
 
 
 @app.command("eval-finalize")
-def eval_finalize_cmd(out: str = typer.Argument(..., help="evaluation output directory"),
-                      world_size: Optional[int] = typer.Option(None, help="ranks of the sharded run")) -> None:
-    """Merge per-rank predictions of a sharded evaluation, score and summarise."""
-    from merv.pipelines.evaluate import finalize_results
+def eval_finalize_cmd(
+    out: str = typer.Argument(..., help="evaluation output directory (--out of `merv eval`)"),
+    world_size: Optional[int] = typer.Option(None, help="merge only the rank files of this many ranks"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="judge open-ended answers here (default: OUT/eval_config.yaml's judge.url)"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="judge model name (default: OUT/eval_config.yaml's)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON document on stdout"),
+) -> None:
+    """Merge the rank files of an evaluation, score (LLM judge optional, resumable) and summarise."""
+    from merv.pipelines.evaluate import finalize_eval
 
-    finalize_results(out, world_size=world_size)
-    console.print(Path(out, "summary.md").read_text())
+    result = finalize_eval(out, world_size=world_size, judge={"url": judge_url, "model": judge_model})
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        console.print(Path(out, "summary.md").read_text())
 
 
 @app.command("eval-manifest")
 def eval_manifest_cmd(benchmark: str = typer.Argument(..., help="eval_data directory"),
                       out: str = typer.Argument(..., help="manifest JSONL to write (input of `merv extract`)"),
-                      video_dir: Optional[str] = typer.Option(None, help="where the benchmark's videos are")) -> None:
-    """Write the extraction manifest of a benchmark's videos (with their clip windows)."""
+                      video_dir: Optional[str] = typer.Option(None, help="where the benchmark's videos are"),
+                      id_prefix: str = typer.Option("", help="prefix of every sample id (pass the same as eval's id_prefix)")) -> None:
+    """Write the extraction manifest of a benchmark's clips; ids name video + window (video@ef595)."""
     from merv.pipelines.evaluate import write_eval_manifest
 
-    path = write_eval_manifest(benchmark, out, video_dir=video_dir)
+    path = write_eval_manifest(benchmark, out, video_dir=video_dir, id_prefix=id_prefix)
     console.print(f"wrote {path}; next: merv extract {path} --store EVAL_STORE")
 
 
 @app.command("analyze")
 def analyze_cmd(
     predictions: str = typer.Argument(..., help="predictions.jsonl or an eval run directory"),
-    out: str = typer.Option("runs/plots", "--out"),
+    out: str = typer.Option("runs/plots", "--out", help="directory for the PNG charts"),
     sources: Optional[str] = typer.Option(None, help="manifest JSONL or store, for thumbnails of the top videos"),
-    compare: list[str] = typer.Option([], help="LABEL=predictions.jsonl of other models for the skill chart; repeatable"),
+    compare: list[str] = typer.Option([], "--compare", help=f"LABEL=predictions.jsonl of other models for the skill chart; {LIST_HELP}"),
 ) -> None:
     """Fusion-weight distribution, top videos per encoder, accuracy per skill (PNG)."""
     from merv.pipelines.analysis import plot_all
 
-    written = plot_all(predictions, out, sources=sources, compare=_labelled(compare, "--compare") or None)
+    written = plot_all(predictions, out, sources=sources, compare=_labelled(_listed(compare) or [], "--compare") or None)
     for name, path in written.items():
         console.print(f"{name}: {path}")
 
@@ -404,7 +505,7 @@ def generate_cmd(
     weights: Optional[str] = typer.Option(None, help="directory with the encoders' weights (else the HF cache, offline)"),
     allow_download: bool = typer.Option(False, "--allow-download", help="let missing encoder weights be fetched from the Hub"),
     max_new_tokens: Optional[int] = typer.Option(None, help="answer length limit in tokens (default: the model's)"),
-    device: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ) -> None:
     """Answer a question about a raw video: online decoding + encoders + the trained model."""
     from merv.pipelines.generate import GenerateOptions, answer_video
@@ -416,13 +517,20 @@ def generate_cmd(
 
 @app.command("ablate")
 def ablate_cmd(
-    sweep: str = typer.Argument(..., help="sweep file (JSON / YAML): base config, axes, benchmarks"),
-    out: str = typer.Option("runs/ablate", "--out"),
+    sweep: str = typer.Argument(..., help="sweep file (JSON / YAML): base config, variants / axes of dotted "
+                                          "overrides, benchmarks"),
+    out: str = typer.Option("runs/ablate", "--out", help="sweep directory (one run per variant, results table)"),
+    quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
 ) -> None:
     """Train + evaluate a grid of configurations from the same cache; resumable; one results table."""
+    from rich.markup import escape
+
     from merv.pipelines.ablate import Sweep, run_sweep
 
-    rows = run_sweep(Sweep.from_file(sweep), out, progress=True)
+    plan = Sweep.from_file(sweep)
+    for note in plan.notes:
+        err_console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    rows = run_sweep(plan, out, progress=not quiet)
     console.print(Path(out, "table.md").read_text())
     console.print(f"{len(rows)} configurations; table: {out}/table.csv")
 
@@ -432,7 +540,7 @@ def demo_cmd(
     out: str = typer.Option("runs/demo", "--out", help="output directory"),
     videos: int = typer.Option(200, help="synthetic videos (80% train, 20% held out)"),
     steps: int = typer.Option(300, help="training steps"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of the synthetic data and of training"),
     force: bool = typer.Option(False, "--force", help="replace --out even if `merv demo` did not make it"),
 ) -> None:
     """Synthetic video QA -> extract (tiny encoders, Ray) -> train from cache -> evaluate -> plots."""
@@ -442,7 +550,7 @@ def demo_cmd(
 
 
 @app.command("roundtrip")
-def roundtrip_cmd(out: Path = typer.Option(Path("runs/roundtrip"), help="output directory")) -> None:
+def roundtrip_cmd(out: Path = typer.Option(Path("runs/roundtrip"), "--out", help="output directory")) -> None:
     """Store health check: write features in every encoding, read back, verify checksums."""
     from merv.pipelines.roundtrip import run_roundtrip
 
@@ -454,6 +562,31 @@ def roundtrip_cmd(out: Path = typer.Option(Path("runs/roundtrip"), help="output 
                   f"{'clean' if result.verified else 'FAILED'}")
     if not (result.verified and all(result.within_bound.values())):
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _progress_bars(unit: str, enabled: bool = True) -> Iterator[Optional[Callable[[int, int], None]]]:
+    """A `progress(done, total)` callback drawing one tqdm bar per job (a new bar when a count restarts)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {"bar": None}
+
+    def update(done: int, total: int) -> None:
+        current = bar["bar"]
+        if current is None or current.total != total or done < current.n:
+            if current is not None:
+                current.close()
+            current = bar["bar"] = tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)
+        current.update(done - current.n)
+
+    try:
+        yield update
+    finally:
+        if bar["bar"] is not None:
+            bar["bar"].close()
 
 
 def main() -> None:  # pragma: no cover - console entry

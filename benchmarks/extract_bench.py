@@ -33,8 +33,9 @@ from merv.extract.job import ExtractOptions, ExtractSummary, _layout, _Run, init
 from merv.extract.plan import plan_shards
 from merv.extract.worker import decode_sample
 from merv.store import FeatureStore
+from merv.store.paper import PAPER_ENCODER_NAMES
 
-ENCODERS = ["dinov2", "siglip", "vivit", "languagebind"]
+ENCODERS = list(PAPER_ENCODER_NAMES)
 SETTLE_S = 2.0
 
 

@@ -33,7 +33,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from merv.benchmarks.extract_bench import write_clips, write_manifest
+from merv.devices import resolve_device
 
 MODES = ("floor", "cached", "online")
 QUESTIONS = ["What is happening in this video?", "Describe the video.", "Where does this take place?"]
@@ -88,12 +88,13 @@ def make_dataset(work: Path, videos: int, frames: int, hw: tuple[int, int]) -> t
     return manifest, data
 
 
-def extract(manifest: Path, store: Path, recipe: Any, device: str) -> dict[str, Any]:
+def extract(manifest: Path, store: Path, model: Any, device: str) -> dict[str, Any]:
+    """The store of the run's encoders (`model`: its ModelConfig), pooled to what the projector keeps."""
     from merv.extract.job import ExtractOptions, run_extraction
 
     t0 = time.perf_counter()
-    side = int(recipe.connector.tokens_per_frame ** 0.5)  # the cache holds what the projector keeps
-    opts = ExtractOptions(encoders=list(recipe.encoders), size=recipe.size, weights=recipe.encoder_weights,
+    side = int(model.connector.tokens_per_frame ** 0.5)
+    opts = ExtractOptions(encoders=list(model.encoders), size=model.encoder_size, weights=model.encoder_weights,
                           grid=f"{side}x{side}", workers=1, device=device)
     summary = run_extraction(str(manifest), str(store), opts, show_progress=False)
     if summary.failed or not summary.ok:
@@ -101,23 +102,29 @@ def extract(manifest: Path, store: Path, recipe: Any, device: str) -> dict[str, 
     return {"seconds": round(time.perf_counter() - t0, 2), "videos": summary.extracted}
 
 
-def run_mode(mode: str, args: argparse.Namespace, data: Path, store: Path, work: Path, tag: str) -> dict[str, Any]:
-    from merv.train.trainer import TrainConfig, train
+def run_config(base: Any, mode: str, args: argparse.Namespace, data: Path, store: Path, out: Path) -> Any:
+    """The benchmark's run: the recipe's config with this mode's feeding and the timed steps."""
+    return base.override({
+        "data.files": [str(data)], "data.stores": [str(store)], "data.online": mode == "online",
+        "checkpoint.out_dir": str(out), "checkpoint.export": False, "loader.global_batch_size": args.batch,
+        "loader.micro_batch_size": args.micro_batch, "loader.num_workers": args.workers if mode == "cached" else 0,
+        "schedule.max_steps": args.warmup + args.steps, "logging.tensorboard": False, "logging.progress": False,
+        "parallel.device": args.device, "seed": 0}, source="train_bench")
 
-    config = TrainConfig(
-        data=[str(data)], stores=[str(store)], recipe=args.recipe, out_dir=str(work / f"run-{tag}"),
-        global_batch_size=args.batch, micro_batch_size=args.micro_batch, max_steps=args.warmup + args.steps,
-        stage=args.stage, llm=args.llm, epochs=None, online=mode == "online", num_workers=args.workers if mode == "cached" else 0,
-        export=False, tensorboard=False, progress=False, device=args.device, seed=0,
-    )
-    shutil.rmtree(config.out_dir, ignore_errors=True)  # a scratch run: a reused --out must not resume it
+
+def run_mode(mode: str, base: Any, args: argparse.Namespace, data: Path, store: Path, work: Path,
+             tag: str) -> dict[str, Any]:
+    from merv.train.trainer import train
+
+    config = run_config(base, mode, args, data, store, work / f"run-{tag}")
+    shutil.rmtree(config.checkpoint.out_dir, ignore_errors=True)  # a scratch run: a reused --out must not resume it
     feature_fn = InMemoryFeatures() if mode == "floor" else None
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON report
         summary = train(config, feature_fn=feature_fn)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # DataLoader workers, reaped at the epoch's end
     worker_cpu_s = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
-    rows = [json.loads(line) for line in (Path(config.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(config.checkpoint.out_dir) / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if r["step"] > args.warmup]
     step_s = [r["step_s"] for r in timed]
     wait_s = [r["data_wait_frac"] * r["step_s"] for r in timed]
@@ -134,18 +141,20 @@ def run_mode(mode: str, args: argparse.Namespace, data: Path, store: Path, work:
     }
 
 
-def configuration(recipe: Any, data: Path, store: Path, args: argparse.Namespace) -> dict[str, Any]:
+def configuration(config: Any, data: Path, store: Path, args: argparse.Namespace) -> dict[str, Any]:
     """What was trained: encoder shapes and parameters, LLM size, tokens, analytic FLOPs per sample."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from merv.extract.encoders import build_encoder
     from merv.store import FeatureReader
-    from merv.train.paper import connector_flops, llm_forward_flops
-    from torch.utils.flop_counter import FlopCounterMode
+    from merv.train.accounting import connector_flops, llm_forward_flops
 
     reader = FeatureReader(str(store))
     device = _device(args.device)
+    model_cfg = config.model
     enc_params, enc_flops, shapes = {}, {}, {}
-    for name in recipe.encoders:
-        enc = build_encoder(name, size=recipe.size, weights=recipe.encoder_weights, device=device)
+    for name in model_cfg.encoders:
+        enc = build_encoder(name, size=model_cfg.encoder_size, weights=model_cfg.encoder_weights, device=device)
         enc_params[name] = sum(p.numel() for p in enc.parameters())
         clip = torch.zeros((1, enc.info.frames, args.height, args.width, 3), dtype=torch.uint8, device=device)
         with FlopCounterMode(display=False) as counter:
@@ -154,11 +163,11 @@ def configuration(recipe: Any, data: Path, store: Path, args: argparse.Namespace
         shapes[name] = {"grid": list(reader.groups[name].spec.grid), "dim": reader.groups[name].spec.dim,
                         "frames_in": enc.info.frames, "image_size": enc.info.image_size}
     with torch.device("meta"):  # shapes and counts only: no memory, no init time (a 7B LLM included)
-        model = recipe.build(recipe.feature_specs({n: _spec(reader, n) for n in recipe.encoders}))
+        model = model_cfg.build(model_cfg.feature_specs({n: _spec(reader, n) for n in model_cfg.encoders}))
     llm_params = sum(p.numel() for n, p in model.llm.named_parameters())
     decoder_params = sum(p.numel() for n, p in model.llm.named_parameters() if ".layers." in n)
     seq = 1 + model.connector.num_tokens + _text_tokens(model, data)
-    stage = args.stage or recipe.stages[-1].stage
+    stage = config.stage
     # backward = 2x forward for trained weights; a frozen LLM (align) still back-propagates to its
     # inputs (~1x forward) for the connector's gradients
     llm_factor = 2 if stage == "align" else 3
@@ -169,10 +178,10 @@ def configuration(recipe: Any, data: Path, store: Path, args: argparse.Namespace
     }
     total = sum(flops.values())
     return {
-        "recipe": recipe.name,
+        "recipe": config.recipe,
         "stage": stage,
-        "llm": recipe.llm,
-        "encoders": {n: {**shapes[n], "params": enc_params[n]} for n in recipe.encoders},
+        "llm": model_cfg.llm.name,
+        "encoders": {n: {**shapes[n], "params": enc_params[n]} for n in model_cfg.encoders},
         "encoder_params": sum(enc_params.values()),
         "llm_params": llm_params,
         "llm_decoder_layer_params": decoder_params,
@@ -187,9 +196,7 @@ def configuration(recipe: Any, data: Path, store: Path, args: argparse.Namespace
 
 
 def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve_device(name))
 
 
 def _spec(reader: Any, name: str) -> Any:
@@ -234,23 +241,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--videos {args.videos} is less than (warmup + steps) x batch = {(args.warmup + args.steps) * args.batch}: "
                  "every timed step must see new samples in one epoch")
 
-    from merv.pipelines.recipes import get_recipe
+    from merv.train.recipes import get_recipe
 
-    recipe = get_recipe(args.recipe)
+    base = get_recipe(args.recipe, args.stage)
     if args.llm:
-        recipe = replace(recipe, llm=args.llm)
+        base = base.override({"model.llm.name": args.llm}, source="--llm")
     work = Path(args.out or tempfile.mkdtemp(prefix="merv-train-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     store = work / "features.zarr"
     _say(f"writing {args.videos} clips ({args.hw}, {args.frames} frames) to {work}")
     manifest, data = make_dataset(work, args.videos, args.frames, (args.height, args.width))
-    _say(f"extracting {', '.join(recipe.encoders)} ({recipe.size})")
-    extraction = extract(manifest, store, recipe, args.device)
+    _say(f"extracting {', '.join(base.model.encoders)} ({base.model.encoder_size})")
+    extraction = extract(manifest, store, base.model, args.device)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for r in range(args.repeats):
         for mode in modes if r % 2 == 0 else modes[::-1]:  # alternate the order against drift
             _say(f"training {mode} ({r + 1}/{args.repeats}): {args.warmup} + {args.steps} steps of {args.batch} samples")
-            runs[mode].append(run_mode(mode, args, data, store, work, tag=f"{mode}-{r}"))
+            runs[mode].append(run_mode(mode, base, args, data, store, work, tag=f"{mode}-{r}"))
             _say(f"  {mode}: {runs[mode][-1]['step_s_mean']:.3f} s/step, data wait {runs[mode][-1]['data_wait_frac']:.1%}")
     results = {}
     for mode, done in runs.items():  # best of N (as timeit): other tenants only ever add time
@@ -267,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "configuration": configuration(recipe, data, store, args),
+        "configuration": configuration(base, data, store, args),
         "extraction": extraction,
         "results": results,
         "ratios": ratios,

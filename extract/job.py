@@ -32,8 +32,9 @@ from rich.text import Text
 from merv.store import FeatureStore, LeaseLostError, parse_grid
 from merv.store.group import lease_key
 from merv.store.lease import DEFAULT_TTL_S, HEARTBEATS_PER_TTL, HeldBy, Lease, default_owner, try_acquire_all
+from merv.store.paper import PAPER_ENCODER_NAMES
 
-from .plan import Plan, ShardJob, decode_frames, group_spec, plan_shards, record_digest
+from .plan import Plan, ShardJob, decode_frames, group_spec, plan_shards, record_digest, upsampling_notes
 from .ray_runtime import (
     ExtractError,
     NodeHealth,
@@ -63,17 +64,25 @@ RECHECK_S = 2.0  # how often shards held by another run are looked at again (com
 
 @dataclass
 class ExtractOptions:
-    encoders: list[str]
+    """One extraction job: what to read, where to write, which encoders, how to run on Ray.
+
+    The config of `merv extract` (YAML / JSON with `--config`, dotted `--set`, or the CLI flags,
+    which map onto these keys one to one); every default is defined here and nowhere else.
+    """
+
+    source: str | None = None  # manifest / directory / tar(s); None: (re-)extract what the store lists
+    store: str | None = None  # the feature store (path or fsspec URL)
+    encoders: list[str] = field(default_factory=lambda: list(PAPER_ENCODER_NAMES))
     size: str = "paper"  # "paper" weights, or "small" / "tiny" random-initialised architectures
-    weights: str | None = None
+    weights: str | None = None  # a directory of weights, "random", or None: the HF cache (offline)
     grid: str | None = "8x8"  # "native" / None keeps each encoder's grid
-    encoding: str = "fp16"
+    encoding: str = "fp16"  # fp16 | bitround | int8
     workers: int | None = None  # encoder actors; default one per GPU, else 1
     batch_size: int = 8  # clips per encoder forward, across videos
-    inflight_per_worker: int = 2  # shards submitted per actor: bounds memory on any manifest size
+    inflight_per_worker: int = 2  # shards open per actor: bounds the actors' feature buffers
     retry_failed: bool = False
     ray_address: str | None = None
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
     allow_download: bool = False
     shard_bytes: int | None = None
     samples_per_shard: int | None = None
@@ -81,8 +90,26 @@ class ExtractOptions:
     worker_cpus: float | None = None  # per actor; default 1 with GPUs, 0 on CPU-only clusters (see _layout)
     torch_threads: int | None = None  # per actor; default: the CPUs each actor may use
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the actors
-    max_inflight_bytes: int | None = None  # decoded frames alive at once; default INFLIGHT_FRACTION of the object store
+    max_inflight_bytes: int | str | None = None  # decoded frames alive at once ("4GiB" ok); default INFLIGHT_FRACTION of the object store
     stop_grace_s: float = 60.0  # after SIGINT / SIGTERM: how long shards with every sample decoded may finish
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec's, for URL sources, videos and the store
+
+    def __post_init__(self) -> None:
+        if self.max_inflight_bytes is not None:
+            self.max_inflight_bytes = parse_bytes(self.max_inflight_bytes, "max_inflight_bytes")
+        for name in ("batch_size", "inflight_per_worker"):
+            if getattr(self, name) < 1:
+                raise ExtractError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ExtractError(f"device {self.device!r}: use auto, cpu or cuda")
+
+
+def load_extract_options(file: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                         flags: dict[str, Any] | None = None) -> ExtractOptions:
+    """The job's options from a config file, the CLI's flags and `--set` overrides (in that order)."""
+    from merv.train.configurable import load_config
+
+    return load_config(ExtractOptions, file=file, overrides=overrides, extra=flags)
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
@@ -115,6 +142,7 @@ class ExtractSummary:
     workers: list[dict[str, Any]] = field(default_factory=list)
     stopped: str | None = None  # the signal that stopped the job (SIGINT / SIGTERM), if one did
     by_other_runs: int = 0  # samples of planned shards that a concurrent run on the store committed
+    notes: list[str] = field(default_factory=list)  # things the user should know (e.g. a grid kept native)
     left: int = 0  # samples of the plan not committed by this run
     inflight_budget_bytes: int = 0
     peak_inflight_bytes: int = 0  # decoded frames alive at once, as the driver accounted them
@@ -227,8 +255,12 @@ def prepare_store(source: str | None, store_url: str, opts: ExtractOptions) -> t
         specs = [group_spec(infos[n], pooled, opts.encoding, frames) for n in opts.encoders]
     except ValueError as exc:
         raise ExtractError(f"--encoding {opts.encoding!r}: {exc}") from exc
-    records = discover(source) if source is not None else []
-    create: dict[str, Any] = {"grid": pooled,
+    so = opts.storage_options or None
+    if store_url.startswith("memory://"):
+        raise ExtractError(f"--store {store_url}: a memory:// store lives inside one process, and extraction writes "
+                           "from Ray worker processes; use a local path or an object-store URL")
+    records = discover(source, so) if source is not None else []
+    create: dict[str, Any] = {"grid": pooled, "storage_options": so,
                               "bytes_per_sample": {k: max(s.bytes_per_sample(k) for s in specs) for k in ("video", "image")}}
     if opts.shard_bytes:
         create["shard_bytes"] = opts.shard_bytes
@@ -257,7 +289,8 @@ def run_extraction(source: str | None, store_url: str, opts: ExtractOptions, con
     store, keys, frames = prepare_store(source, store_url, opts)
     plan = plan_shards(store, keys, retry_failed=opts.retry_failed)
     summary = ExtractSummary(samples=len(store.samples), skipped=plan.skipped_samples,
-                             failed_before=plan.skipped_failed, groups=plan.groups)
+                             failed_before=plan.skipped_failed, groups=plan.groups,
+                             notes=upsampling_notes([store.group(k).spec for k in keys], parse_grid(opts.grid)))
     if plan.jobs:
         ray, started = init_ray(cluster_address(opts))
         try:
@@ -319,7 +352,7 @@ class _Run:
         self.config = WorkerConfig(
             needed, {n: k for n, k in plan.groups.items() if n in needed}, opts.size, opts.weights,
             tuple(store.meta.grid) if store.meta.grid else None, opts.batch_size, opts.device,  # type: ignore[arg-type]
-            opts.allow_download, torch_threads=threads,
+            opts.allow_download, torch_threads=threads, storage_options=dict(opts.storage_options),
         )
         env = forwarded_env(opts.env)
         if not gpus:
@@ -333,7 +366,10 @@ class _Run:
         if env:
             options["runtime_env"] = {"env_vars": env}
         self.actor_cls = ray.remote(_ExtractActor).options(**options)
-        self.decode = ray.remote(decode_split).options(num_cpus=opts.decode_cpus, max_retries=3, num_returns=2)
+        decode_options: dict[str, Any] = dict(num_cpus=opts.decode_cpus, max_retries=3, num_returns=2)
+        if env:
+            decode_options["runtime_env"] = {"env_vars": env}
+        self.decode = ray.remote(decode_split).options(**decode_options)
         self.actors = [self._start_actor() for _ in range(workers)]
         self.replaced = [0] * workers
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -544,7 +580,7 @@ class _Run:
         i = shard.next_sample
         source, window = shard.sources[i]
         row = shard.job.rows[0] + i
-        meta_ref, frames_ref = self.decode.remote(source, window, row, self.frames)
+        meta_ref, frames_ref = self.decode.remote(source, window, row, self.frames, self.opts.storage_options or None)
         self.waiting[meta_ref] = ("decode", shard, (frames_ref, cost, row))
         shard.next_sample += 1
         shard.decoding += 1

@@ -62,12 +62,33 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def stored_grid(native: tuple[int, int], pooled: tuple[int, int] | None) -> tuple[int, int]:
+    """The spatial grid a group stores: the requested one, but never more tokens than the encoder
+    has (pooling 4x4 "to 8x8" would only repeat values: 4x the bytes, nothing gained)."""
+    if pooled is None:
+        return tuple(native)  # type: ignore[return-value]
+    return (min(native[0], pooled[0]), min(native[1], pooled[1]))
+
+
+def upsampling_notes(specs: list[EncoderGroupSpec], pooled: tuple[int, int] | None) -> list[str]:
+    """What `stored_grid` kept below the requested grid, said to the user once (each group
+    records the grid it stores)."""
+    notes = []
+    for spec in specs:
+        kept = tuple(spec.grid[1:])
+        if pooled is not None and kept != tuple(pooled):
+            notes.append(f"{spec.name}: its native {kept[0]}x{kept[1]} grid is smaller than the requested "
+                         f"{pooled[0]}x{pooled[1]}; stored at {kept[0]}x{kept[1]} (no upsampling)")
+    return notes
+
+
 def group_spec(info: Any, pooled: tuple[int, int] | None, encoding: str, frames_decoded: int) -> EncoderGroupSpec:
     """Store group spec of an encoder: its fingerprint plus the grid actually stored."""
     t, h, w = info.grid
-    grid = (t, *pooled) if pooled else (t, h, w)
-    pooling = (f"adaptive_avg_pool2d per frame to {pooled[0]}x{pooled[1]} in float32, then float16"
-               if pooled and tuple(pooled) != (h, w) else "none")
+    stored = stored_grid((h, w), pooled)
+    grid = (t, *stored)
+    pooling = (f"adaptive_avg_pool2d per frame to {stored[0]}x{stored[1]} in float32, then float16"
+               if stored != (h, w) else "none")
     return EncoderGroupSpec(
         name=info.name,
         fingerprint=info.fingerprint(),

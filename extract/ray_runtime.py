@@ -21,7 +21,9 @@ from typing import Any
 
 from merv import MervError
 
-FORWARD_ENV_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_HOME", "MERV_")
+# The driver's model-cache, object-store (credentials, endpoints) and merv variables reach the actors
+# and decode tasks on every node, as they would on this machine.
+FORWARD_ENV_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH_HOME", "MERV_", "AWS_", "GOOGLE_", "FSSPEC_")
 HEALTH_EVERY_S = 1.0  # how often the driver checks that its Ray node is alive
 MONITOR_EVERY_S = 0.25  # object-store usage sampling period
 
@@ -76,7 +78,7 @@ def init_ray(address: str | None) -> tuple[Any, bool]:
 
 
 def forwarded_env(extra: dict[str, str]) -> dict[str, str]:
-    """The driver's model-cache and merv variables, for actors on other nodes."""
+    """The driver's variables of FORWARD_ENV_PREFIXES, for actors and tasks on other nodes."""
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
     return {**env, **extra}
 

@@ -18,12 +18,13 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from merv.devices import resolve_device
+
 if TYPE_CHECKING:
-    import torch
 
     from merv.store import EncoderGroup
     from merv.store.lease import LeaseState
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 # Fault injection for the tests: when set to a path that does not exist yet, the first shard
 # written in any worker creates it and kills its process after writing one group (mid-shard).
 CRASH_ONCE_ENV = "MERV_TEST_CRASH_ONCE"
-FP16_MAX = 65504.0
 
 
 @dataclass
@@ -97,19 +97,20 @@ class WorkerConfig:
     allow_download: bool = False
     torch_threads: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec's, for a store behind a URL
 
 
 def decode_sample(source: str, window: tuple[float | None, float | None, int | None], row: int,
-                  num_frames: int) -> Decoded:
-    """Decode `num_frames` uniformly sampled frames of `source` within `window` (start, end,
-    end_frame), or the reason it cannot be decoded."""
+                  num_frames: int, storage_options: dict[str, Any] | None = None) -> Decoded:
+    """Decode `num_frames` uniformly sampled frames of `source` (a path, a tar member or an fsspec
+    URL) within `window` (start, end, end_frame), or the reason it cannot be decoded."""
     from .sources import local_file
     from .video import load_clip
 
     start, end, end_frame = window
     t0 = time.perf_counter()
     try:
-        with local_file(source) as path:
+        with local_file(source, storage_options) as path:
             clip = load_clip(path, num_frames, start=start, end=end, end_frame=end_frame)
         return Decoded(row, clip.frames, clip.is_image, clip.backend, None, time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded with its reason, the job goes on
@@ -117,21 +118,13 @@ def decode_sample(source: str, window: tuple[float | None, float | None, int | N
 
 
 def decode_split(source: str, window: tuple[float | None, float | None, int | None], row: int,
-                 num_frames: int) -> tuple[Decoded, np.ndarray | None]:
+                 num_frames: int, storage_options: dict[str, Any] | None = None) -> tuple[Decoded, np.ndarray | None]:
     """`decode_sample` as two objects: the small description (with `nbytes`, read by the
     driver's memory budget) and the frames (passed on to an encoder actor, never to the driver)."""
-    decoded = decode_sample(source, window, row, num_frames)
+    decoded = decode_sample(source, window, row, num_frames, storage_options)
     frames, decoded.frames = decoded.frames, None
     decoded.nbytes = 0 if frames is None else int(frames.nbytes)
     return decoded, frames
-
-
-def resolve_device(device: str) -> torch.device:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class ShardEncoder:
@@ -153,7 +146,7 @@ class ShardEncoder:
                                 allow_download=config.allow_download)
             for name in config.encoders
         }
-        self.store = FeatureStore.open(store_url, mode="a")
+        self.store = FeatureStore.open(store_url, mode="a", storage_options=config.storage_options or None)
         for name, key in config.groups.items():
             have, want = self.encoders[name].info.fingerprint(), self.store.group(key).spec.fingerprint
             if have != want:
@@ -174,12 +167,12 @@ class ShardEncoder:
         """
         import torch
 
-        from merv.store.grid import pool_grid_torch
+        from merv.store.grid import frames_to_encode, pool_grid_torch
 
         from .video import subsample
 
         enc = self.encoders[name]
-        n = 1 if (is_image and enc.info.framewise) else enc.info.frames
+        n = frames_to_encode(enc.info.frames, enc.info.framewise, is_image)
         out: list[np.ndarray] = []
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else contextlib.nullcontext())
@@ -209,6 +202,8 @@ class ShardEncoder:
                     feats[d.row] = self.encode_clips(name, [d.frames], is_image)[0]  # type: ignore[list-item]
                 except Exception as one:  # noqa: BLE001 - recorded as this sample's failure
                     failed[d.row] = f"{name} encoder: {type(one).__name__}: {one}"
+        from merv.store.encodings import FP16_MAX
+
         limit = FP16_MAX if self.store.group(self.config.groups[name]).spec.encoding != "int8" else np.inf
         for row, f in list(feats.items()):
             if not np.isfinite(f).all() or np.abs(f).max(initial=0.0) > limit:

@@ -4,33 +4,56 @@ The sweep never decodes or encodes a video: every configuration reads the store(
 `merv extract` (encoder subsets are chosen at load time, a native-grid cache is pooled at load
 time). A finished configuration leaves `result.json` and is skipped when the sweep is re-run.
 
-Sweep file (JSON or YAML):
-  base:        TrainConfig fields shared by every run (data, stores, recipe, stage, max_steps, ...)
-  axes:        {projector: [...], tokens_per_frame: [...], fusion: [...], recipe: [...],
-                encoders: [["dinov2", "siglip"], "leave-one-out", "singles", ...]}
+Sweep file (JSON or YAML); every configuration is the base with dotted overrides, as `merv train
+--set` applies them:
+  base:        a `merv train` config (nested keys as `merv train --print-config` shows them), e.g.
+               {recipe: tiny, stage: finetune, data: {files: [...], stores: [...]}, schedule: {max_steps: 2}}
+  variants:    named override lists: [{name: conv3d, set: ["model.connector.projector=conv3d"]}, ...]
+  axes:        {dotted key: [values]}, each value one more variant, e.g. {model.connector.projector: [avg3d],
+                model.encoders: [[dinov2, siglip], leave-one-out, singles]}; `recipe` / `stage` change the
+                recipe the base starts from
   mode:        "one-at-a-time" (the paper's tables: vary one axis from the base) or "product"
   benchmarks:  eval directories (reference eval_data format); eval_store: their feature store
   eval_mode:   "loglik" or "generate"
+Each configuration trains in OUT/<name>/train (the sweep sets checkpoint.out_dir and resume).
+
+Sweep files of the first release (flat `merv train` keys in base: `lr`, `data`, `max_steps`; axes
+`projector`, `tokens_per_frame`, `fusion`, `encoders`) still run: each flat key is read as its dotted
+key (`merv.train.config.FLAT_KEYS`, the table of the CLI's shorthand flags), and `Sweep.notes`
+holds a one-line deprecation note saying so.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from merv import MervError
-from merv.train.trainer import TrainConfig
+from merv.train.config import FLAT_KEYS, RunConfig
+from merv.train.configurable import (
+    ConfigError,
+    check_keys,
+    closest,
+    dotted_keys,
+    merge,
+    parse_override,
+    suggest_key,
+    unflatten,
+)
+from merv.train.recipes import RecipeError, resolve_run_config
 
-AXES = ("projector", "tokens_per_frame", "fusion", "encoders", "recipe", "stage")
 MODES = ("one-at-a-time", "product")
 EVAL_MODES = ("loglik", "generate")
-SWEEP_KEYS = ("base", "axes", "mode", "benchmarks", "eval_store", "eval_mode")
+SWEEP_KEYS = ("base", "variants", "axes", "mode", "benchmarks", "eval_store", "eval_mode")
+VARIANT_KEYS = ("name", "set")
+SWEEP_SETS = ("checkpoint.out_dir", "checkpoint.resume")  # set per configuration by the sweep itself
+RUN_KEYS = tuple(dotted_keys(RunConfig))
+_KEYS_HELP = "dotted `merv train` config keys (e.g. model.connector.projector, model.encoders, optim.lr, recipe, stage)"
 
 
 class SweepError(MervError, ValueError):
@@ -39,46 +62,165 @@ class SweepError(MervError, ValueError):
 
 @dataclass(frozen=True)
 class Variant:
-    """One configuration of the sweep: a name and the TrainConfig fields it changes."""
+    """One configuration of the sweep: a name and the dotted keys it sets over the base."""
 
     name: str
     changes: tuple[tuple[str, Any], ...]
 
-    def config(self, base: TrainConfig, out_dir: Path) -> TrainConfig:
-        return dataclasses.replace(base, **dict(self.changes), out_dir=str(out_dir / self.name / "train"))
+    def config(self, base: Mapping[str, Any], out_dir: Path, progress: bool = False) -> RunConfig:
+        """The base fragment (over the recipe it names), this variant's changes, then the sweep's
+        own settings: the variant's run directory, resumed if a run was interrupted."""
+        return resolve_run_config([
+            ("sweep base", base), (f"variant {self.name}", unflatten(dict(self.changes))),
+            ("sweep", {"checkpoint": {"out_dir": str(out_dir / self.name / "train"), "resume": "auto"},
+                       "logging": {"progress": progress}}),
+        ])
 
 
 @dataclass
 class Sweep:
-    base: TrainConfig
-    axes: dict[str, list[Any]]
+    base: dict[str, Any]  # a RunConfig fragment; may name `recipe` / `stage`
+    axes: dict[str, list[Any]] = field(default_factory=dict)  # dotted key -> values
     mode: str = "one-at-a-time"
     benchmarks: list[str] = field(default_factory=list)
     eval_store: str | None = None
     eval_mode: str = "loglik"
+    variants: list[Variant] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for the user (the old-format deprecation note)
+    source: str = "sweep"  # the file, in messages
+
+    def __post_init__(self) -> None:
+        """Refuse what cannot run before the first configuration trains: unknown keys anywhere
+        (with the closest valid one), bad values (every configuration is built), a bad mode."""
+        if self.mode not in MODES or self.eval_mode not in EVAL_MODES:
+            raise SweepError(f"{self.source}: mode must be one of {MODES} and eval_mode one of {EVAL_MODES}, "
+                             f"got {self.mode!r} / {self.eval_mode!r}")
+        _check_base(self.source, self.base)
+        for axis, values in self.axes.items():
+            _check_key(self.source, "axes", axis)
+            if not isinstance(values, list) or not values:
+                raise SweepError(f"{self.source}: axis {axis!r} must be a non-empty list of values")
+        try:
+            variants = expand(self)
+            for variant in variants:
+                variant.config(self.base, Path("."))
+        except (ConfigError, RecipeError) as exc:
+            raise SweepError(f"{self.source}: {exc}") from None
+        names = [v.name for v in variants]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise SweepError(f"{self.source}: two different configurations are named {dup}; rename the variants")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Sweep":
+    def from_file(cls, path: str | Path) -> Sweep:
         """Read and check a sweep file: strict about its keys, so a typo fails here, not after a training run."""
         raw = _read_mapping(Path(path))
-        _no_unknown(path, "", raw, list(SWEEP_KEYS))
+        _no_unknown(path, "", raw, SWEEP_KEYS)
         base, axes = raw.get("base") or {}, raw.get("axes") or {}
         for key, value in (("base", base), ("axes", axes)):
             if not isinstance(value, dict):
                 raise SweepError(f"{path}: {key!r} must be a mapping, got a {type(value).__name__}")
-        _no_unknown(path, "base.", base, [f for f in TrainConfig.__dataclass_fields__ if f != "out_dir"])
-        _no_unknown(path, "axes.", axes, list(AXES))
-        for axis, values in axes.items():
-            if not isinstance(values, list) or not values:
-                raise SweepError(f"{path}: axis {axis!r} must be a non-empty list of values")
-        mode, eval_mode = raw.get("mode", MODES[0]), raw.get("eval_mode", EVAL_MODES[0])
-        if mode not in MODES or eval_mode not in EVAL_MODES:
-            raise SweepError(f"{path}: mode must be one of {MODES} and eval_mode one of {EVAL_MODES}, "
-                             f"got {mode!r} / {eval_mode!r}")
+        converted: list[str] = []
+        base = _from_flat(path, base, converted)
+        axes = {_override_key(path, "axes", k, converted): v for k, v in axes.items()}
+        variants = _variants(path, raw.get("variants") or [], converted)
         benchmarks = raw.get("benchmarks") or []
         if not isinstance(benchmarks, list) or not all(isinstance(b, str) for b in benchmarks):
             raise SweepError(f"{path}: 'benchmarks' must be a list of eval_data directories")
-        return cls(TrainConfig.from_json(base), axes, mode, benchmarks, raw.get("eval_store"), eval_mode)
+        notes = [f"{path} uses the first release's flat keys; read as {', '.join(converted)}: write the dotted keys "
+                 "(`merv train --print-config` shows them) to keep this sweep working"] if converted else []
+        return cls(base, axes, raw.get("mode", MODES[0]), benchmarks, raw.get("eval_store"),
+                   raw.get("eval_mode", EVAL_MODES[0]), variants, notes, str(path))
+
+    def base_config(self) -> RunConfig:
+        return resolve_run_config([("sweep base", self.base)])
+
+
+def _from_flat(path: str | Path, base: dict[str, Any], converted: list[str]) -> dict[str, Any]:
+    """The base with first-release flat keys (`lr`, `data: [...]`) moved to their dotted keys."""
+    nested: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
+    top = {k.split(".")[0] for k in RUN_KEYS}
+    for key, value in base.items():
+        old_data = key == "data" and not isinstance(value, Mapping)  # data: [files] was the flat key
+        if key in top and not old_data:
+            nested[key] = value
+        elif key in FLAT_KEYS:
+            flat[FLAT_KEYS[key]] = value
+            converted.append(f"base.{key} as base.{FLAT_KEYS[key]}")
+        else:
+            near = suggest_key(str(key), RunConfig)
+            raise SweepError(f"{path}: unknown key 'base.{key}'{f'; did you mean base.{near}?' if near else ''} "
+                             "(base is a `merv train` config: nested keys as `merv train --print-config` shows them)")
+    return merge(nested, unflatten(flat))
+
+
+def _check_base(source: str, base: Mapping[str, Any]) -> None:
+    try:
+        check_keys(RunConfig, base, source, prefix="base")
+    except ConfigError as exc:
+        raise SweepError(str(exc)) from None
+    flat = _flat_keys(base)
+    if set_here := [k for k in SWEEP_SETS if k in flat]:
+        raise SweepError(f"{source}: base.{set_here[0]} is set by the sweep (each configuration trains in "
+                         "OUT/<name>/train and resumes there); remove it")
+
+
+def _flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        out += _flat_keys(value, f"{prefix}{key}.") if isinstance(value, Mapping) else [f"{prefix}{key}"]
+    return out
+
+
+def _check_key(source: str | Path, where: str, key: str) -> None:
+    """A dotted key a configuration may set (not the sweep's own), else a SweepError with the closest."""
+    if key in SWEEP_SETS:
+        raise SweepError(f"{source}: {where}.{key} is set by the sweep (each configuration trains in OUT/<name>/train)")
+    if key not in RUN_KEYS:
+        near = suggest_key(key, RunConfig) if "." not in key else _closest_dotted(key)
+        what = "axis" if where == "axes" else "key"
+        raise SweepError(f"{source}: unknown {what} '{where}.{key}'{f'; did you mean {where}.{near}?' if near else ''}; "
+                         f"{where} take {_KEYS_HELP}")
+
+
+def _closest_dotted(key: str) -> str | None:
+    return closest(key, list(RUN_KEYS)) or suggest_key(key.rsplit(".", 1)[-1], RunConfig)
+
+
+def _override_key(path: str | Path, where: str, key: str, converted: list[str]) -> str:
+    """A checked dotted key; a first-release flat name (`projector`) becomes its dotted key."""
+    if key not in RUN_KEYS and key in FLAT_KEYS:
+        converted.append(f"{where}.{key} as {where}.{FLAT_KEYS[key]}")
+        return FLAT_KEYS[key]
+    _check_key(path, where, key)
+    return key
+
+
+def _variants(path: str | Path, items: Any, converted: list[str]) -> list[Variant]:
+    """`[{name: N, set: ["a.b=v", ...]}, ...]` -> Variants (keys checked, values read as --set reads them)."""
+    if not isinstance(items, list):
+        raise SweepError(f"{path}: 'variants' must be a list of {{name: ..., set: [KEY=VALUE, ...]}}")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not item["name"]:
+            raise SweepError(f"{path}: variants[{i}] must be a mapping with a name and a set list, e.g. "
+                             "{name: conv3d, set: [model.connector.projector=conv3d]}")
+        name = item["name"]
+        _no_unknown(path, f"variants[{i}].", dict(item), VARIANT_KEYS)
+        if name == "base" or "/" in name or name.startswith("."):
+            raise SweepError(f"{path}: variant name {name!r} is reserved or not a directory name; choose another")
+        sets = item.get("set") or []
+        if not isinstance(sets, list) or not all(isinstance(x, str) for x in sets):
+            raise SweepError(f"{path}: variants[{i}] ({name}): 'set' must be a list of KEY=VALUE strings")
+        changes = []
+        for text in sets:
+            try:
+                key, value = parse_override(text)
+            except ConfigError as exc:
+                raise SweepError(f"{path}: variants[{i}] ({name}): {exc}") from None
+            changes.append((_override_key(path, f"variants[{i}].set", key, converted), value))
+        out.append(Variant(name, tuple(changes)))
+    return out
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
@@ -102,7 +244,7 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _no_unknown(path: str | Path, prefix: str, values: dict[str, Any], known: Sequence[str]) -> None:
+def _no_unknown(path: str | Path, prefix: str, values: dict[str, Any], known: tuple[str, ...]) -> None:
     """Refuse keys a sweep does not know, with the nearest known one (a typo is the usual cause)."""
     import difflib
 
@@ -113,10 +255,7 @@ def _no_unknown(path: str | Path, prefix: str, values: dict[str, Any], known: Se
     for key in unknown:
         near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         named.append(prefix + key + (f" (did you mean {prefix}{near[0]}?)" if near else ""))
-    what = "axes" if prefix == "axes." else "keys"
-    hint = ("base takes the options of `merv train` with underscores for dashes (data, stores, recipe, lr, max_steps, ...)"
-            if prefix == "base." else f"known: {', '.join(sorted(known))}")
-    raise SweepError(f"{path}: unknown {what} {', '.join(named)}; {hint}")
+    raise SweepError(f"{path}: unknown keys {', '.join(named)}; known: {', '.join(sorted(known))}")
 
 
 def _encoder_sets(value: Any, all_encoders: list[str]) -> list[list[str]]:
@@ -130,39 +269,36 @@ def _encoder_sets(value: Any, all_encoders: list[str]) -> list[list[str]]:
 
 
 def _label(key: str, value: Any, all_encoders: list[str]) -> str:
-    if key == "encoders":
+    if key == "model.encoders":
         missing = [e for e in all_encoders if e not in value]
         if len(value) == 1:
             return f"only-{value[0]}"
         if len(missing) == 1:
             return f"no-{missing[0]}"
         return "enc-" + "+".join(value)
-    return f"{key}-{value}"
+    return f"{key.rsplit('.', 1)[-1]}-{value}"
 
 
 def expand(sweep: Sweep) -> list[Variant]:
-    """The configurations of a sweep, the base first (named `base`), without duplicates."""
-    from merv.pipelines.recipes import get_recipe
-
-    all_encoders = sweep.base.encoders or list(get_recipe(sweep.base.recipe).encoders)
+    """The configurations of a sweep: the base first (named `base`), the named variants, then the
+    axes' variants; without duplicates."""
+    all_encoders = list(sweep.base_config().model.encoders)
     options: dict[str, list[Any]] = {}
     for key, values in sweep.axes.items():
         expanded: list[Any] = []
         for v in values:
-            expanded += _encoder_sets(v, all_encoders) if key == "encoders" else [v]
+            expanded += _encoder_sets(v, all_encoders) if key == "model.encoders" else [v]
         options[key] = expanded
-    variants = [Variant("base", ())]
+    variants = [Variant("base", ()), *sweep.variants]
     if sweep.mode == "product":
         keys = list(options)
         for combo in itertools.product(*(options[k] for k in keys)):
             changes = tuple(zip(keys, combo))
             variants.append(Variant("_".join(_label(k, v, all_encoders) for k, v in changes), changes))
-    elif sweep.mode == "one-at-a-time":
+    else:
         for key, values in options.items():
             for v in values:
                 variants.append(Variant(_label(key, v, all_encoders), ((key, v),)))
-    else:
-        raise SweepError(f"sweep mode {sweep.mode!r}: use 'one-at-a-time' or 'product'")
     seen: set[tuple[tuple[str, Any], ...]] = set()
     unique = []
     for v in variants:
@@ -174,33 +310,28 @@ def expand(sweep: Sweep) -> list[Variant]:
 
 
 def _params(export: str) -> dict[str, int]:
-    from merv.train.checkpoint_io import load_merv
+    from merv.train.export import load_merv
 
     model = load_merv(export)
     connector = sum(p.numel() for p in model.connector.parameters())
     return {"connector_params": connector, "total_params": connector + sum(p.numel() for p in model.llm.parameters())}
 
 
-def _paper_tflops(config: TrainConfig) -> float | None:
+def _paper_tflops(config: RunConfig) -> float | None:
     """Inference TFLOPs per sample of this configuration at paper scale (paper encoders, LLaMA-2 7B,
     BOS + visual tokens + 64 text tokens): the FLOPs column of the paper's Table 2."""
-    from merv.pipelines.recipes import get_recipe
-    from merv.train.paper import PAPER_ENCODERS, model_report
-
-    recipe = get_recipe(config.recipe)
-    names = config.encoders or list(recipe.encoders)
-    if any(n not in PAPER_ENCODERS for n in names):
-        return None
-    changes = {k: getattr(config, k) for k in ("projector", "tokens_per_frame", "fusion") if getattr(config, k) is not None}
-    cfg = recipe.connector.with_(**changes)
-    specs = [PAPER_ENCODERS[n].spec for n in names]
-    from merv.train.connector import Connector
-
     import torch
 
+    from merv.train.accounting import PAPER_ENCODERS, model_report
+    from merv.train.connector import Connector
+
+    names = config.model.encoders
+    if any(n not in PAPER_ENCODERS for n in names):
+        return None
+    specs = [PAPER_ENCODERS[n].spec for n in names]
     with torch.device("meta"):
-        tokens = Connector(specs, 4096, cfg).num_tokens
-    report = model_report(specs, cfg, seq_len=tokens + 65, train_llm=False)
+        tokens = Connector(specs, 4096, config.model.connector).num_tokens
+    report = model_report(specs, config.model.connector, seq_len=tokens + 65, train_llm=False)
     flops = report.total_flops - report.flops["connector"] * 2 // 3  # connector forward only at inference
     return flops / 1e12
 
@@ -223,15 +354,14 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = False) -> list
         if result_file.exists():
             rows.append(json.loads(result_file.read_text()))
             continue
-        # a variant interrupted earlier continues from its last checkpoint (or starts fresh)
-        config = variant.config(dataclasses.replace(sweep.base, progress=progress, resume="auto"), out)
+        config = variant.config(sweep.base, out, progress)  # resumes a variant interrupted earlier
         summary = train(config)
         row: dict[str, Any] = {"name": variant.name, **{k: v for k, v in variant.changes},
                                "steps": summary["steps"], "final_loss": summary["losses"][-1] if summary["losses"] else None}
         row.update(_params(summary["export"]))
         row["paper_scale_tflops"] = _paper_tflops(config)
         if sweep.benchmarks:
-            stores = sweep.eval_store or (config.stores[0] if config.stores else None)
+            stores = sweep.eval_store or (config.data.stores[0] if config.data.stores else None)
             results = evaluate(summary["export"], sweep.benchmarks, stores, str(out / variant.name / "eval"),
                                mode=sweep.eval_mode, resume=False)
             for bench, summary in _benchmarks(results):

@@ -46,6 +46,7 @@ class DemoConfig:
     tokens_per_frame: int = 16  # the tiny encoders' whole 4x4 grid: pooling to 2x2 loses the shapes
     global_batch_size: int = 16
     lr: float = 2e-3
+    warmup_ratio: float = 0.05
     seed: int = 0
     mcq: bool = False  # also score the MCQ version of the test split
     eval_mode: str = "loglik"  # MCQ answering: "loglik" (option likelihood) or "generate"
@@ -75,7 +76,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     from merv.pipelines.analysis import plot_all
     from merv.pipelines.evaluate import evaluate
     from merv.pipelines.synthetic import generate_synthetic
-    from merv.train.trainer import TrainConfig, train
+    from merv.store.paper import PAPER_ENCODER_NAMES
+    from merv.train.recipes import get_recipe
+    from merv.train.trainer import train
 
     console = console or Console()
     cfg.check()
@@ -92,17 +95,18 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     t0 = time.perf_counter()
     store = str(out / "features.zarr")
     summary = run_extraction(str(dataset.manifest), store, ExtractOptions(
-        encoders=["dinov2", "siglip", "vivit", "languagebind"], size="tiny", grid="native",
+        encoders=list(PAPER_ENCODER_NAMES), size="tiny", grid="native",
         samples_per_shard=cfg.samples_per_shard), console=console)
     times["extract"] = time.perf_counter() - t0
     console.print(f"[bold]2/4[/] {summary.line()}")
 
     t0 = time.perf_counter()
     run = out / "train"
-    result = train(TrainConfig(data=[str(dataset.train_json)], stores=[store], recipe="tiny", stage="finetune",
-                               out_dir=str(run), max_steps=cfg.steps, global_batch_size=cfg.global_batch_size,
-                               lr=cfg.lr, warmup_ratio=0.05, seed=cfg.seed, tensorboard=False,
-                               tokens_per_frame=cfg.tokens_per_frame))
+    result = train(get_recipe("tiny", stage="finetune").override({
+        "data.files": [str(dataset.train_json)], "data.stores": [store], "checkpoint.out_dir": str(run),
+        "schedule.max_steps": cfg.steps, "loader.global_batch_size": cfg.global_batch_size, "optim.lr": cfg.lr,
+        "schedule.warmup_ratio": cfg.warmup_ratio, "seed": cfg.seed, "logging.tensorboard": False,
+        "model.connector.tokens_per_frame": cfg.tokens_per_frame}, source="demo"))
     times["train"] = time.perf_counter() - t0
     losses = result["losses"]
     console.print(f"[bold]3/4[/] trained {result['steps']} steps from cached features in {times['train']:.1f}s; "

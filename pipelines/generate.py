@@ -25,14 +25,20 @@ class GenerateOptions:
 
 def answer_video(checkpoint: str, video: str, question: str, opts: GenerateOptions = GenerateOptions()) -> str:
     """The model's answer to `question` about `video` (a path, fsspec URL or image)."""
-    from merv.pipelines.recipes import RECIPES
-    from merv.train.checkpoint_io import check_export, load_merv
+    from merv.train.export import check_export, load_merv
+    from merv.train.recipes import RECIPES, get_recipe
     from merv.train.specs import FeatureSpec
 
     cfg = check_export(checkpoint)
-    recipe = RECIPES.get(str(cfg.get("extra", {}).get("recipe")))
-    size = opts.size or (recipe.size if recipe else "paper")
-    weights = opts.weights or (recipe.encoder_weights if recipe and not opts.size else None)
+    extra = cfg.get("extra", {})
+    if "encoder_size" in extra:  # what the run trained with (merv train records it)
+        trained = (extra["encoder_size"], extra.get("encoder_weights"))
+    else:  # older exports: the recipe's
+        name = str(extra.get("recipe"))
+        model = get_recipe(name).model if name in RECIPES else None
+        trained = (model.encoder_size, model.encoder_weights) if model else ("paper", None)
+    size = opts.size or trained[0]
+    weights = opts.weights or (trained[1] if not opts.size else None)
     specs = [FeatureSpec.from_dict(d) for d in cfg["feature_specs"]]
     encoders = OnlineEncoders(specs, size=size, weights=weights, allow_download=opts.allow_download, device=opts.device)
     features = encoders.encode_path(video)

@@ -10,7 +10,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504: the largest magnitude an fp16 / bitround group holds
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,4 +72,21 @@ def error_bound(encoding: str, x: np.ndarray, keepbits: int = 7) -> np.ndarray:
     if encoding == "int8":
         scale = np.abs(x).max(axis=-1, keepdims=True) / 127.0
         return scale / 2 * 1.0001 + np.abs(x) * 2.0**-10 + 2.0**-24
+    raise ValueError(f"unknown encoding {encoding!r}")
+
+
+def as_stored(x: Any, encoding: str, keepbits: int = 7) -> np.ndarray:
+    """The float16 numbers a reader returns for features `x` (float32, (..., d)) written with
+    `encoding`: the online path (inference on a raw video, `merv train --online`) applies this so the
+    model sees exactly what the cache would serve."""
+    x = np.asarray(x, dtype=np.float32)
+    if encoding == "fp16":
+        return x.astype(np.float16)
+    if encoding == "bitround":
+        from numcodecs import BitRound
+
+        codec = BitRound(keepbits=keepbits)
+        return np.asarray(codec.decode(codec.encode(np.ascontiguousarray(x.astype(np.float16))))).reshape(x.shape)
+    if encoding == "int8":
+        return dequantize_int8(*quantize_int8(x))
     raise ValueError(f"unknown encoding {encoding!r}")

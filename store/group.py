@@ -16,8 +16,8 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import BitRound
 from zarr.core.sync import sync
 
-from . import direct
-from .encodings import dequantize_int8, quantize_int8
+from . import shard_reader
+from .encodings import FP16_MAX, dequantize_int8, quantize_int8
 from .errors import StoreDataError, StoreMetadataError
 from .kv import GroupKV
 from .lease import DEFAULT_TTL_S, HeldBy, Lease, try_acquire
@@ -269,7 +269,7 @@ class EncoderGroup:
         ok[list(failed)] = False
         if ok.any() and not np.isfinite(data[ok]).all():
             raise ValueError(f"{self.key}: features contain NaN or Inf; record those samples as failed instead")
-        if self.spec.encoding != "int8" and ok.any() and np.abs(data[ok]).max() > 65504:
+        if self.spec.encoding != "int8" and ok.any() and np.abs(data[ok]).max() > FP16_MAX:
             raise ValueError(f"{self.key}: features exceed the float16 range; use encoding='int8' or rescale")
         return data
 
@@ -281,7 +281,7 @@ class EncoderGroup:
     def read_rows(self, kind: str, rows: np.ndarray | slice, must_exist: np.ndarray | None = None) -> np.ndarray:
         """Decoded float16 features of the given rows (no commit check: callers do that).
 
-        Arbitrary rows go through `merv.store.direct` (one index read per shard, chunks fetched
+        Arbitrary rows go through `merv.store.shard_reader` (one index read per shard, chunks fetched
         and decoded concurrently); slices, and layouts it does not know, through zarr. Absent data
         reads as zeros, except rows in `must_exist` (committed, not failed): MissingShardDataError.
         """
@@ -300,10 +300,10 @@ class EncoderGroup:
         idx = None if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
 
         async def read(arr: zarr.Array) -> Any:
-            if idx is not None and direct.supports(arr):
-                return await direct.read_rows(arr, idx, must_exist)
+            if idx is not None and shard_reader.supports(arr):
+                return await shard_reader.read_rows(arr, idx, must_exist)
             if must_exist is not None:  # zarr would answer absent chunks with zeros: look first
-                await direct.require_stored(arr, must_exist)
+                await shard_reader.require_stored(arr, must_exist)
             return await (arr._async_array.getitem(rows) if idx is None else _read_runs(arr, idx))
 
         async def fetch() -> tuple[np.ndarray, np.ndarray | None]:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from zarr.core.sync import sync
 
-from . import direct
+from . import shard_reader
 from .errors import ChunkChecksumError
 from .group import EncoderGroup, commit_key
 from .schema import KINDS, CommitRecord
@@ -115,14 +115,14 @@ def _absent_rows(group: EncoderGroup, kind: str, shard: int, rows: range, failed
     notes: list[str] = []
     any_stored = False
     for arr in _arrays(group, kind):
-        stored = sync(direct.stored_rows(arr, shard))
+        stored = sync(shard_reader.stored_rows(arr, shard))
         gone = [row for row in rows if stored is None or not stored[row - rows.start]]
         any_stored = any_stored or len(gone) < len(rows)
         needed = [row for row in gone if row not in failed]
         if needed:
             absent.update(needed)
-            notes.append(f"its data object {direct.shard_object_name(arr, shard)!r} is missing" if stored is None else
-                         f"{len(needed)} committed chunk(s) are missing from {direct.shard_object_name(arr, shard)!r}")
+            notes.append(f"its data object {shard_reader.shard_object_name(arr, shard)!r} is missing" if stored is None else
+                         f"{len(needed)} committed chunk(s) are missing from {shard_reader.shard_object_name(arr, shard)!r}")
     return sorted(absent), notes, any_stored
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from zarr.core.sync import sync
 
 from .errors import SampleNotFoundError, SampleUnavailableError, StoreDataError
-from .grid import pool_grid
+from .grid import broadcast_frames, pool_grid
 from .group import EncoderGroup
 from .schema import KINDS, CommitRecord
 from .store import FeatureStore
@@ -175,7 +175,7 @@ class FeatureReader:
                     break
                 if result is None:
                     result = np.empty((len(indices), t, *data.shape[2:]), dtype=data.dtype)
-                result[pos] = data  # an image's single frame broadcasts to t frames here
+                result[pos] = broadcast_frames(data, t, axis=1)  # an image's single stored frame
             out[name] = self._finish(result)  # type: ignore[arg-type]
         return out
 
@@ -203,7 +203,7 @@ class FeatureReader:
             # one whole-shard read through zarr; the rows returned must be stored (failed ones need not)
             raw = self._named(group.fetch_rows(kind, slice(start, stop), must_exist=start + local))
             data = group.decode(*raw)[local]
-            feats[name] = self._finish(self._broadcast(data, group.spec.grid[0], batched=True))
+            feats[name] = self._finish(broadcast_frames(data, group.spec.grid[0], axis=1))
         return ShardBatch(kind, shard, [self.table.ids[i] for i in indices], indices, feats)
 
     # ------------------------------------------------------------------ data errors
@@ -221,13 +221,6 @@ class FeatureReader:
         return [self.table.ids[int(i)] for i in self.table.indices_of_rows(kind, np.array(rows, dtype=np.int64))]
 
     # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _broadcast(x: np.ndarray, t: int, batched: bool = False) -> np.ndarray:
-        axis = 1 if batched else 0
-        if x.shape[axis] == t:
-            return x
-        return np.repeat(x, t, axis=axis)
-
     def _finish(self, x: np.ndarray) -> Any:
         if self.pool_to is not None:
             x = pool_grid(x, self.pool_to)  # type: ignore[arg-type]

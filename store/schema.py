@@ -26,11 +26,6 @@ ENCODINGS: tuple[str, ...] = ("fp16", "bitround", "int8")
 DEFAULT_SHARD_BYTES = 128 * 2**20
 MAX_SAMPLES_PER_SHARD = 4096
 
-# Paper shapes, used to size shards when the caller gives no per-sample estimate:
-# DINOv2 / LanguageBind at 16x16 native or pooled to 8x8, 16 frames, d=1024, fp16.
-PAPER_FRAMES, PAPER_NATIVE_GRID, PAPER_DIM = 16, (16, 16), 1024
-
-
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
@@ -68,9 +63,11 @@ def choose_samples_per_shard(bytes_per_sample: int, shard_bytes: int = DEFAULT_S
 
 
 def paper_bytes_per_sample(grid: tuple[int, int] | None) -> dict[str, int]:
-    """Uncompressed fp16 bytes of the largest paper encoder, for videos and images."""
-    h, w = grid or PAPER_NATIVE_GRID
-    video = PAPER_FRAMES * h * w * PAPER_DIM * 2
+    """Uncompressed fp16 bytes of the largest paper encoder, for videos and images: the shard
+    size when the caller gives no per-sample estimate."""
+    from .paper import largest_paper_feature_bytes
+
+    video = largest_paper_feature_bytes(grid)
     # Images keep every frame only for temporal encoders; size them like a video so that the
     # largest group still lands near the target.
     return {"video": video, "image": video}

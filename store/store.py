@@ -441,7 +441,9 @@ class FeatureStore:
 
     def _create_group_locked(self, spec: EncoderGroupSpec) -> EncoderGroup:
         key = spec.key()
-        if self.meta.grid is not None and tuple(spec.grid[1:]) != tuple(self.meta.grid):
+        native = tuple(spec.info.get("native_grid", spec.grid))[1:]
+        allowed = None if self.meta.grid is None else tuple(min(n, g) for n, g in zip(native, self.meta.grid))
+        if allowed is not None and tuple(spec.grid[1:]) != allowed:
             raise IncompatibleStoreError(
                 f"store {self.url!r} is pooled to {self.meta.grid_mode}, but encoder {spec.name!r} "
                 f"would store a {spec.grid[1]}x{spec.grid[2]} grid; pool at extraction or use a native store"

@@ -1,18 +1,22 @@
-"""Test-suite setup. pytest runs with --import-mode=importlib, which does not put the tests folder
-on sys.path; the shared helper modules (helpers_media, helpers_llm, helpers_train) live here, so
-add it once instead of loading them by path in every file."""
+"""Shared fixtures: one Ray session and one S3-compatible server per test session.
+
+The helper modules live in the `testkit` package next to this file (pytest's `pythonpath` setting
+puts tests/ on sys.path). Tests marked `integration` start Ray, several processes, servers or the
+CLI in subprocesses; `make test-fast` runs everything else.
+"""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import pytest
 
-_HERE = str(Path(__file__).parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+_INTEGRATION_FIXTURES = {"ray_session", "s3_server"}
 
 
-import pytest  # noqa: E402
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the shared Ray session or the S3 server is an integration test, marked or not."""
+    for item in items:
+        if _INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testkit.tasks import make_task
 from typer.testing import CliRunner
 
-from helpers_train import make_task
 from merv import cli
-from merv.train.checkpoint_io import save_merv
+from merv.train.export import save_merv
 from merv.train.specs import FeatureSpec
 from merv.train.tiny import build_tiny_merv
 
@@ -93,7 +93,7 @@ CASES = [
     ("extract: empty manifest", ["extract", "{root}/empty.json", "--store", "{root}/x.zarr", "--size", "tiny"],
      ["empty.json", "no samples"]),
     ("extract: URL manifest", ["extract", "s3://bucket/m.jsonl", "--store", "{root}/x.zarr", "--size", "tiny"],
-     ["s3://bucket/m.jsonl", "copy it here"]),
+     ["s3://bucket/m.jsonl", "--storage-options"]),
     ("train: missing data", ["train", "--data", "{root}/nope.json", "--store", "{store}", "--out", "{root}/t"],
      ["nope.json", "--data"]),
     ("train: data is a directory", ["train", "--data", "{root}/emptydir", "--store", "{store}", "--out", "{root}/t"],
@@ -204,6 +204,7 @@ def _merv(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
                           env={**os.environ, "MERV_DEBUG": "0", **(env or {})})
 
 
+@pytest.mark.integration
 def test_real_cli_prints_one_line_for_an_undecodable_video(fx: dict[str, Path]) -> None:
     done = _merv("generate", str(fx["root"] / "text.mp4"), "what?", "--checkpoint", str(fx["export"]))
     assert done.returncode == 2 and done.stdout == ""
@@ -219,6 +220,7 @@ def test_debug_shows_the_traceback(fx: dict[str, Path]) -> None:
     assert loud.returncode != 0 and "Traceback" in loud.stderr and "StoreNotFoundError" in loud.stderr
 
 
+@pytest.mark.integration
 def test_object_store_urls_that_cannot_be_reached_are_one_line(fx: dict[str, Path]) -> None:
     """A closed endpoint, and a protocol whose fsspec backend is not installed: the URL and the fix."""
     import socket

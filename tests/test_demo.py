@@ -10,12 +10,22 @@ import pytest
 from merv.pipelines.demo import DemoConfig, run_demo
 
 
+@pytest.mark.integration
 def test_reduced_demo_learns_colour_and_shape(tmp_path):
     result = run_demo(DemoConfig(out=str(tmp_path / "demo"), videos=160, steps=200, plots=True))
     acc, chance = result.accuracy, result.chance
     assert acc["color"] >= chance["color"] + 0.35, acc
     assert acc["shape"] >= chance["shape"] + 0.12, acc
-    assert "direction" in acc  # recorded, not asserted: random tiny encoders barely see motion
+    # motion: random tiny encoders barely see it, so no accuracy bar; but the model must have learned
+    # the answer space (a direction word for every direction question) and the reported accuracy
+    # must be what the prediction rows say
+    from merv.pipelines.evaluate import row_correct, run_rows
+    from merv.pipelines.synthetic import ANSWER_SPACE
+
+    rows = run_rows(tmp_path / "demo" / "eval" / "synthetic_open" / "generate")
+    moves = [r for r in rows if r["question_type"] == "direction"]
+    assert moves and all(r["pred"].strip().lower().rstrip(".") in ANSWER_SPACE["direction"] for r in moves), moves[:3]
+    assert acc["direction"] == pytest.approx(sum(map(row_correct, moves)) / len(moves))
     saved = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
     assert saved["accuracy"] == acc
     for png in ("weights.png", "top_videos.png", "skills.png"):

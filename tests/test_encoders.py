@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from merv.extract.encoders import (
     ENCODERS,
     WeightsError,
@@ -98,6 +99,7 @@ def _digests() -> dict[str, list[str]]:
     return out
 
 
+@pytest.mark.integration
 def test_tiny_is_deterministic_across_processes():
     code = (
         "import json, importlib.util, sys;"
@@ -340,8 +342,9 @@ def test_timm_weights_round_trip_and_pos_embed_resampling(tiny, tmp_path):
 
 
 def test_vivit_loads_hub_style_classification_checkpoint(tiny, tmp_path):
-    from merv.extract.encoders.vivit import TINY
     from transformers import VivitConfig, VivitForVideoClassification
+
+    from merv.extract.encoders.vivit import TINY
 
     src = tiny["vivit"]
     clf = VivitForVideoClassification(VivitConfig(**TINY, num_labels=3))
@@ -393,8 +396,10 @@ def test_paper_identities_and_layers():
     assert info["siglip"].model_id == "timm/vit_base_patch16_siglip_224.webli"  # SigLIP 1, not timm's v2 default
     assert info["vivit"].model_id == "google/vivit-b-16x2-kinetics400"
     assert info["languagebind"].model_id == "LanguageBind/LanguageBind_Video_merge"
-    assert [info[n].layer for n in NAMES] == ["penultimate", "penultimate", "last", "penultimate"]
-    assert [info[n].framewise for n in NAMES] == [True, True, False, False]
+    assert {n: info[n].layer for n in NAMES} == {"dinov2": "penultimate", "siglip": "penultimate", "vivit": "last",
+                                                 "languagebind": "penultimate"}
+    assert {n: info[n].framewise for n in NAMES} == {"dinov2": True, "siglip": True, "vivit": False,
+                                                     "languagebind": False}
     assert info["dinov2"].dropped_tokens == ("cls", "reg x4") and info["siglip"].dropped_tokens == ()
     assert info["languagebind"].config["num_frames"] == 8 and info["languagebind"].config["num_hidden_layers"] == 24
     assert len({i.fingerprint() for i in info.values()}) == 4

@@ -137,29 +137,32 @@ def assert_rows_equal(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
 
 def test_manifest_carries_windows_into_the_store(setup: dict[str, Any]) -> None:
     rows = [json.loads(x) for x in setup["manifest"].read_text().splitlines()]
-    assert [r["id"] for r in rows] == [f"vid{v}" for v in range(N_VIDEOS)]  # "vid0.mp4" -> "vid0"
+    ids = [f"vid{v}@ef{40 + v}" for v in range(N_VIDEOS)]  # "vid0.mp4" -> "vid0"; the window is part of the id
+    assert [r["id"] for r in rows] == ids
     assert [r["end_frame"] for r in rows] == [40 + v for v in range(N_VIDEOS)]
     assert all(Path(r["path"]).is_file() for r in rows)
     table = FeatureStore.open(setup["store"]).samples
-    assert [table.record(table.index[f"vid{v}"]).end_frame for v in range(N_VIDEOS)] == [40 + v for v in range(N_VIDEOS)]
+    assert [table.record(table.index[i]).end_frame for i in ids] == [40 + v for v in range(N_VIDEOS)]
 
 
-def test_sample_ids_qualify_conflicting_windows(tmp_path: Path) -> None:
+def test_sample_ids_name_video_and_window(tmp_path: Path) -> None:
     qs = [
         {"video_name": "clipA", "question_id": 1, "question": "what?", "time": [1.5, 4.0]},
         {"video_name": "clipA", "question_id": 2, "question": "who?", "time": [6, 9]},
         {"video_name": "clipB.mp4", "question_id": 3, "question": "why?", "start": 2, "end": 3},
         {"video_name": "clipC", "question_id": 4, "question": "how?", "end_frame": -1},
+        {"video_name": "clipD.webm", "question_id": 5, "question": "how?", "end_frame": "120"},
+        {"video_name": "clipE", "question_id": 6, "question": "how?", "end": 7.25},
     ]
     (tmp_path / "test_q.json").write_text(json.dumps(qs))
     (tmp_path / "test_a.json").write_text(json.dumps([{"question_id": q["question_id"], "answer": "x"} for q in qs]))
     bench = E.load_benchmark(tmp_path)
     assert bench.kind == "open"
     assert bench.questions[3].window.empty  # negative end_frame means none, as in the reference
-    assert E.sample_ids(bench.questions) == ["clipA@1.5-4s", "clipA@6-9s", "clipB", "clipC"]
-    assert E.sample_ids(bench.questions, "window", "tvqa/") == ["tvqa/clipA@1.5-4s", "tvqa/clipA@6-9s", "tvqa/clipB@2-3s", "tvqa/clipC"]
-    with pytest.raises(E.EvalError, match="different windows"):
-        E.sample_ids(bench.questions, "stem")
+    # every windowed clip is qualified, whether or not the benchmark asks about the video twice
+    assert E.sample_ids(bench.questions) == ["clipA@1.5-4s", "clipA@6-9s", "clipB@2-3s", "clipC", "clipD@ef120", "clipE@0-7.25s"]
+    assert E.sample_ids(bench.questions, "tvqa/")[:2] == ["tvqa/clipA@1.5-4s", "tvqa/clipA@6-9s"]
+    assert E.Window(None, 7.25).same_as(E.Window(0.0, 7.25))  # a missing start is the beginning
     with pytest.raises(E.EvalError, match="not found"):
         E.eval_manifest(bench, video_dir=tmp_path)
 
@@ -196,7 +199,8 @@ def test_mcq_end_to_end_both_modes(setup: dict[str, Any], unsharded: dict[str, A
         rows = read_rows(out / "percep" / mode / "predictions.jsonl")
         assert [r["question_id"] for r in rows] == [q.question_id for q in bench.questions]
         for r, q in zip(rows, bench.questions):
-            assert r["end_frame"] == q.window.end_frame and r["sample_id"] == E.video_stem(q.video_name)
+            assert r["end_frame"] == q.window.end_frame and r["sample_id"] == f"{E.video_stem(q.video_name)}@ef{q.window.end_frame}"
+            assert "store_id" not in r
             assert r["answer"] == "ABCDE"[q.answer_id] and r["skill"] == q.question.split()[0].lower()
             assert set(r["fusion_weights"]) == {"enc_a", "enc_b"}
             assert sum(r["fusion_weights"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -266,24 +270,29 @@ def test_generation_letters_are_scored(model: Any, setup: dict[str, Any], tmp_pa
 
 
 def test_loglik_equals_the_training_loss(model: Any, setup: dict[str, Any]) -> None:
-    """Option scores are the answer-token log-likelihoods the training loss would see."""
+    """`MervModel.option_loglikelihoods` gives the answer-token log-likelihoods the training loss sees
+    (one conversation at a time through `forward`), for options of different lengths and counts."""
     bench = E.load_benchmark(setup["mcq"])
-    feats = E._Features(model, setup["store"], None, True)
-    qs = bench.questions[1:3]  # different option counts, different videos
-    x = feats.read([E.video_stem(q.video_name) for q in qs], model.device)
-    scores, weights = E.option_loglikelihoods(model, x, qs)
-    assert weights is not None and weights.shape == (2, 2)
+    feats = E.StoreFeatures(model, setup["store"], fingerprints=None, check_windows=True)
+    qs = bench.questions[1:4]  # different option counts, different videos
+    x = feats.read([q.sample_id() for q in qs], model.device)
+    res = model.option_loglikelihoods(x, [q.message for q in qs], [q.choices for q in qs])
+    assert res.fusion_weights is not None and res.fusion_weights.shape == (3, 2)
+    assert [len(s) for s in res.sums] == [q.num_option for q in qs]
     tok = model.tokenizer
     for j, q in enumerate(qs):
-        for k, opt in enumerate(q.options):
+        one = {n: v[j : j + 1] for n, v in x.items()}
+        for k, opt in enumerate(q.choices):
             conv = [{"from": "human", "value": q.message}, {"from": "gpt", "value": opt}]
             ids, lab = tokenize_conversation(get_prompt_builder(model.prompt_format, tok), tok, conv)
-            one = {n: v[j : j + 1] for n, v in x.items()}
             with torch.no_grad():
                 out = model(one, ids[None], labels=lab[None], loss_reduction="sum")
-            total, count = scores[j][k]
-            assert count == int(out.num_label_tokens)
-            assert total == pytest.approx(-float(out.loss), abs=1e-3)
+            assert res.counts[j][k] == int(out.num_label_tokens)
+            assert res.sums[j][k] == pytest.approx(-float(out.loss), abs=1e-4)
+        assert torch.allclose(res.fusion_weights[j], out.fusion_weights[0], atol=1e-6)
+    norm = res.normalized("mean")
+    assert norm[0][0] == pytest.approx(res.sums[0][0] / res.counts[0][0])
+    assert res.normalized("sum") == res.sums
 
 
 def test_sharded_then_merged_equals_unsharded(model: Any, setup: dict[str, Any], unsharded: dict[str, Any], tmp_path: Path) -> None:
@@ -317,13 +326,13 @@ def test_resume_answers_only_what_is_left(model: Any, setup: dict[str, Any], tmp
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])  # a killed writer's last line
     asked: list[int] = []
-    real = E.option_loglikelihoods
+    real = model.option_loglikelihoods
 
-    def counting(m: Any, feats: Any, qs: Any, target: str = "option") -> Any:
-        asked.append(len(qs))
-        return real(m, feats, qs, target)
+    def counting(feats: Any, messages: Any, options: Any) -> Any:
+        asked.append(len(messages))
+        return real(feats, messages, options)
 
-    monkeypatch.setattr(E, "option_loglikelihoods", counting)
+    monkeypatch.setattr(model, "option_loglikelihoods", counting)
     E.run_benchmark(model, setup["mcq"], setup["store"], tmp_path / "a", mode="loglik", batch_size=4)
     assert sum(asked) == 7
     assert_rows_equal(read_rows(E.merge_predictions(path.parent)), full)
@@ -336,16 +345,16 @@ def test_resume_answers_only_what_is_left(model: Any, setup: dict[str, Any], tmp
 
 def test_store_problems_are_named(model: Any, setup: dict[str, Any], tmp_path: Path) -> None:
     # features extracted with another window than the benchmark asks for
-    recs = [SampleRecord(r.id, r.source, end_frame=(r.end_frame or 0) + (5 if r.id == "vid2" else 0)) for r in setup["records"]]
-    recs = [r for r in recs if r.id != "vid4"]  # and one clip never extracted
+    recs = [SampleRecord(r.id, r.source, end_frame=(r.end_frame or 0) + (5 if r.id == "vid2@ef42" else 0)) for r in setup["records"]]
+    recs = [r for r in recs if r.id != "vid4@ef44"]  # and one clip never extracted
     store = tmp_path / "other.zarr"
     fill_store(store, recs, model)
-    with pytest.raises(E.EvalError, match=r"4 question\(s\) of 'percep' on 2 clip\(s\).*vid2 \(extracted with window \{'end_frame': 47\}.*asks \{'end_frame': 42\}"):
+    with pytest.raises(E.EvalError, match=r"4 question\(s\) of 'percep' on 2 clip\(s\).*vid2@ef42 \(extracted with window \{'end_frame': 47\}.*asks \{'end_frame': 42\}"):
         E.run_benchmark(model, setup["mcq"], str(store), tmp_path / "x", mode="loglik")
     path = E.run_benchmark(model, setup["mcq"], str(store), tmp_path / "y", mode="loglik", skip_missing=True, check_windows=False)
     rows = read_rows(path)
     bad = [r for r in rows if r.get("error")]
-    assert [r["sample_id"] for r in bad] == ["vid4", "vid4"] and bad[0]["error"] == "not in the store"
+    assert [r["sample_id"] for r in bad] == ["vid4@ef44", "vid4@ef44"] and bad[0]["error"] == "not in the store"
     assert not any(r["correct"] for r in bad) and len(rows) == 10
     assert E.summarize_rows(rows)["errors"] == 2
 
@@ -355,12 +364,16 @@ def test_store_problems_are_named(model: Any, setup: dict[str, Any], tmp_path: P
 
 def test_open_ended_predictions_and_match(model: Any, setup: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bench_dir = write_open_benchmark(tmp_path / "msvd")
-    # real generation: plumbing, rows, fusion weights (the open set reuses the MCQ clips; no windows asked -> skip the check)
-    path = E.run_benchmark(model, bench_dir, setup["store"], tmp_path / "real", max_new_tokens=5, check_windows=False)
+    # the open set asks about the MCQ set's videos without a window: its clips go into the same store
+    records = setup["records"] + read_manifest(E.write_eval_manifest(bench_dir, tmp_path / "m.jsonl", video_dir=setup["mcq"] / "videos"))
+    store = str(fill_store(tmp_path / "both.zarr", records, model).url)
+    # real generation: plumbing, rows, fusion weights
+    path = E.run_benchmark(model, bench_dir, store, tmp_path / "real", max_new_tokens=5)
     rows = read_rows(path)
     assert len(rows) == N_VIDEOS and all(isinstance(r["pred"], str) and r["fusion_weights"] for r in rows)
+    assert [r["sample_id"] for r in rows] == [f"vid{v}" for v in range(N_VIDEOS)]
     with pytest.raises(E.EvalError, match="open-ended"):
-        E.run_benchmark(model, bench_dir, setup["store"], tmp_path / "real", mode="loglik")
+        E.run_benchmark(model, bench_dir, store, tmp_path / "real", mode="loglik")
 
     replies = {"oe_0": "The man is cooking.", "oe_1": "a cat", "oe_2": "Two.", "oe_3": "no", "oe_4": "in a park"}
 
@@ -373,7 +386,7 @@ def test_open_ended_predictions_and_match(model: Any, setup: dict[str, Any], tmp
         return GenerationOutput(texts=out)
 
     monkeypatch.setattr(model, "generate", fake_generate)
-    summary = E.evaluate(model, [bench_dir], setup["store"], tmp_path / "scripted", check_windows=False)
+    summary = E.evaluate(model, [bench_dir], store, tmp_path / "scripted")
     scored = read_rows(tmp_path / "scripted" / "msvd" / "generate" / "scored.jsonl")
     assert [r["match"] for r in scored] == [True, False, True, False, True]
     s = summary["benchmarks"]["msvd"]["generate"]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testkit import media as H
 from typer.testing import CliRunner
 
 from merv.cli import app
@@ -40,8 +41,7 @@ GRID = "2x2"
 PER_SHARD = 2
 BIN = Path(sys.executable).parent
 
-
-import helpers_media as H  # noqa: E402 - the tests folder is on sys.path (conftest.py)
+pytestmark = pytest.mark.integration  # Ray / several processes / servers: not in `make test-fast`
 
 
 # ------------------------------------------------------------------------------------ fixtures

@@ -16,14 +16,16 @@ import threading
 import time
 from pathlib import Path
 
-import helpers_media as H  # noqa: E402 - the tests folder is on sys.path (conftest.py)
 import psutil
 import pytest
+from testkit import media as H
 
 from merv.extract.job import ExtractOptions, parse_bytes, run_extraction
 from merv.extract.plan import PAPER_DECODE_FRAMES
 from merv.extract.worker import CRASH_ONCE_ENV
 from merv.store import FeatureStore, verify_store
+
+pytestmark = pytest.mark.integration  # Ray / several processes / servers: not in `make test-fast`
 
 BIN = Path(sys.executable).parent
 ENCODERS = ["dinov2", "vivit"]

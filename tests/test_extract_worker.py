@@ -9,15 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from testkit import media as H
 
 from merv.extract.encoders import ENCODERS, build_encoder
 from merv.extract.job import ExtractError, ExtractOptions, _layout, prepare_store
-from merv.extract.plan import PAPER_DECODE_FRAMES, plan_shards
+from merv.extract.plan import PAPER_DECODE_FRAMES, plan_shards, upsampling_notes
 from merv.extract.worker import ShardEncoder, WorkerConfig, decode_sample
 from merv.store import EncoderGroupSpec, FeatureStore, SampleRecord
-
-
-import helpers_media as H  # noqa: E402 - the tests folder is on sys.path (conftest.py)
 
 
 @pytest.fixture
@@ -179,3 +177,21 @@ def test_worker_layout_defaults():
     assert _layout(_FakeRay(8, gpus=2), opts(device="cpu")) == (1, 0.0, 0.0, 8)
     with pytest.raises(ExtractError, match="leave no CPU for a decode task"):
         _layout(_FakeRay(2), opts(workers=2, worker_cpus=1.0))
+
+
+def test_a_grid_larger_than_an_encoders_own_is_never_upsampled(tmp_path):
+    """Tiny encoders have 4x4 (ViViT-tiny: 3x3 or the like) grids: asking for 8x8 stores each at its
+    native grid, records it in the group, and says so; 2x2 pools every one of them."""
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "path": "a.mp4"}) + "\n")
+    opts = ExtractOptions(encoders=["dinov2", "vivit"], size="tiny", grid="8x8", samples_per_shard=2)
+    store, keys, _ = prepare_store(str(tmp_path / "m.jsonl"), str(tmp_path / "s.zarr"), opts)
+    specs = [store.group(k).spec for k in keys]
+    for spec in specs:
+        native = tuple(spec.info["native_grid"])
+        assert native[1] < 8 and tuple(spec.grid) == native and spec.info["pooling"] == "none"
+    notes = upsampling_notes(specs, (8, 8))
+    assert len(notes) == 2 and all("no upsampling" in n and "8x8" in n for n in notes)
+    small = ExtractOptions(encoders=["dinov2", "vivit"], size="tiny", grid="2x2", samples_per_shard=2)
+    store, keys, _ = prepare_store(str(tmp_path / "m.jsonl"), str(tmp_path / "p.zarr"), small)
+    assert all(tuple(store.group(k).spec.grid[1:]) == (2, 2) for k in keys)
+    assert upsampling_notes([store.group(k).spec for k in keys], (2, 2)) == []

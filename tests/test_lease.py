@@ -106,12 +106,14 @@ def _assert_one_winner(results: list[tuple[str, str, int]], kv: GroupKV, key: st
     return owner, gen
 
 
+@pytest.mark.integration
 def test_processes_racing_for_a_free_lease_exactly_one_wins(where):
     url, opts = where
     results = _run_race(url, opts, 0)
     _assert_one_winner(results, _group_kv(url, opts), lease_key("video", 0))
 
 
+@pytest.mark.integration
 def test_processes_racing_to_take_over_an_expired_lease_exactly_one_wins(where):
     url, opts = where
     kv = _group_kv(url, opts)
@@ -219,6 +221,7 @@ def _grow(url: str, opts: dict | None, ids: list[str], barrier: Any) -> None:
     store.ensure_group(EncoderGroupSpec("siglip", "fp-s", (2, 2, 2), 4, framewise=True))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_concurrent_open_or_create_and_add_samples_give_one_consistent_store(backend, tmp_path, request):
     if backend == "local":

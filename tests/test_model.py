@@ -3,17 +3,15 @@ generation (greedy, sampling, KV cache vs none, batching), online encoding, LLM 
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from testkit import llm as H
 
 from merv.train.model import MervModel
 from merv.train.prompts import IGNORE_INDEX, get_prompt_builder, tokenize_conversation
 
-
-import helpers_llm as H  # noqa: E402 - the tests folder is on sys.path (conftest.py)
 TEXT_ONLY = [
     {"from": "human", "value": "Describe the video."},
     {"from": "gpt", "value": "a chef is cooking in a kitchen on a stage."},
@@ -170,6 +168,8 @@ def test_generate_greedy_is_deterministic_and_cache_matches_recompute(flavor: st
 
 
 def test_kv_cache_step_logits_equal_full_forward(tiny) -> None:
+    from merv.train.model import _cache_kwarg, _cache_of
+
     model, _ = tiny
     feats = H.random_features(model.connector.specs, 1, seed=4)
     rows = model._prompt_ids(model.build_prompt("Describe the video."))
@@ -179,7 +179,7 @@ def test_kv_cache_step_logits_equal_full_forward(tiny) -> None:
         cached = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
         step = model.llm(
             inputs_embeds=model.llm.get_input_embeddings()(nxt), attention_mask=torch.cat([mask, mask[:, :1]], 1),
-            position_ids=pos[:, -1:] + 1, past_key_values=cached.past_key_values, use_cache=True,
+            position_ids=pos[:, -1:] + 1, use_cache=True, **{_cache_kwarg(model.llm): _cache_of(cached)},
         ).logits[0, -1]
         full = model(feats, torch.cat([torch.tensor(rows), nxt], 1)).logits[0, -1]
     assert torch.allclose(step, full, atol=1e-5)
@@ -283,8 +283,8 @@ def test_load_llm_from_local_dir_adds_reference_pad_token(tmp_path) -> None:
 
 
 def test_paper_size_report() -> None:
+    from merv.train.accounting import llm_forward_flops, model_report, paper_feature_specs
     from merv.train.llm import llama2_7b_config
-    from merv.train.paper import llm_forward_flops, model_report, paper_feature_specs
 
     report = model_report(paper_feature_specs(), seq_len=2048)
     assert report.visual_tokens == 1024
@@ -303,7 +303,7 @@ def test_paper_size_report() -> None:
 def test_analytic_llm_flops_match_a_flop_counter(tiny) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from merv.train.paper import llm_forward_flops
+    from merv.train.accounting import llm_forward_flops
 
     model, _ = tiny
     ids = torch.randint(0, 300, (1, 50))
@@ -327,7 +327,7 @@ def test_analytic_encoder_flops_match_a_flop_counter_on_the_real_architectures(n
     from torch.utils.flop_counter import FlopCounterMode
 
     from merv.extract.encoders import build_encoder
-    from merv.train.paper import model_report, paper_feature_specs
+    from merv.train.accounting import model_report, paper_feature_specs
 
     analytic = model_report(paper_feature_specs(), seq_len=2048).flops[f"encoder/{name}"]
     enc = build_encoder(name, size="paper", weights="random", meta=True)
@@ -338,25 +338,27 @@ def test_analytic_encoder_flops_match_a_flop_counter_on_the_real_architectures(n
 
 
 def test_recipes() -> None:
-    from merv.pipelines.recipes import RECIPES, get_recipe
+    from merv.train.accounting import PAPER_ENCODERS
+    from merv.train.configurable import ConfigError
+    from merv.train.recipes import RecipeError, get_recipe
 
-    frozen, full = get_recipe("merv-frozen"), get_recipe("merv-full")
-    assert frozen.encoders == ("languagebind", "dinov2", "vivit", "siglip")
-    assert frozen.frames == {"languagebind": 16, "dinov2": 16, "vivit": 32, "siglip": 16}
-    assert (frozen.connector.projector, frozen.connector.tokens_per_frame, frozen.connector.fusion) == ("avg2d", 64, "cross_attention")
-    (ft,) = frozen.stages
-    assert (ft.stage, ft.learning_rate, ft.global_batch_size, ft.weight_decay, ft.warmup_ratio, ft.max_grad_norm) == (
-        "finetune", 2e-5, 128, 0.1, 0.03, 1.0)
-    assert [(s.stage, s.learning_rate) for s in full.stages] == [("full-align", 1e-4), ("finetune", 2e-5)]
-    assert RECIPES["merv-videollava-recipe"].stages[0].stage == "align"
-    assert RECIPES["merv-videollava-recipe"].stages[0].learning_rate == 1e-3
-    assert get_recipe("vivit-single").feature_specs()[0].grid == (16, 14, 14)
-    ablation = frozen.with_connector(projector="avg3d", frame_factor=2)
-    assert ablation.report().visual_tokens == 512
-    with pytest.raises(ValueError, match="pass the feature specs from the store"):
-        get_recipe("tiny").feature_specs()
-    tiny_specs = [H.FeatureSpec(n, (16, 4, 4), 32) for n in frozen.encoders]
-    model = get_recipe("tiny").build(tiny_specs)
+    frozen, full = get_recipe("merv-frozen"), get_recipe("merv-full", stage="full-align")
+    assert frozen.model.encoders == ("languagebind", "dinov2", "vivit", "siglip")
+    assert [PAPER_ENCODERS[e].frames for e in frozen.model.encoders] == [16, 16, 32, 16]
+    connector = frozen.model.connector
+    assert (connector.projector, connector.tokens_per_frame, connector.fusion) == ("avg2d", 64, "cross_attention")
+    assert (frozen.stage, frozen.optim.lr, frozen.loader.global_batch_size, frozen.optim.weight_decay,
+            frozen.schedule.warmup_ratio, frozen.optim.max_grad_norm) == ("finetune", 2e-5, 128, 0.1, 0.03, 1.0)
+    assert (full.stage, full.optim.lr) == ("full-align", 1e-4) and get_recipe("merv-full").optim.lr == 2e-5
+    align = get_recipe("merv-videollava-recipe", stage="align")
+    assert (align.stage, align.optim.lr) == ("align", 1e-3)
+    assert get_recipe("vivit-single").model.feature_specs()[0].grid == (16, 14, 14)
+    ablation = frozen.override({"model.connector.projector": "avg3d", "model.connector.frame_factor": 2})
+    assert ablation.model.report().visual_tokens == 512
+    with pytest.raises(ConfigError, match="pass the feature specs from the store"):
+        get_recipe("tiny").model.feature_specs()
+    tiny_specs = [H.FeatureSpec(n, (16, 4, 4), 32) for n in frozen.model.encoders]
+    model = get_recipe("tiny").model.build(tiny_specs)
     assert model.num_visual_tokens == 64 and model.prompt_format == "pure"
-    with pytest.raises(KeyError, match="unknown"):
+    with pytest.raises(RecipeError, match="unknown"):
         get_recipe("nope")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from testkit import llm as H
 
 from merv.train.prompts import (
     IGNORE_INDEX,
@@ -13,9 +13,6 @@ from merv.train.prompts import (
     tokenize_caption,
     tokenize_conversation,
 )
-
-
-import helpers_llm as H  # noqa: E402 - the tests folder is on sys.path (conftest.py)
 
 
 @pytest.fixture(scope="module")

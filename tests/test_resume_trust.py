@@ -19,18 +19,22 @@ import sys
 import time
 from pathlib import Path
 
-import helpers_train  # the tests folder is on sys.path (conftest.py)
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
+from testkit import tasks
 
-from merv.train.checkpoint import CheckpointError, ResumeError, classify_key, flatten_config
+from merv.train.config import FLAT_KEYS, RunConfig
+from merv.train.configurable import dotted_keys
 from merv.train.metrics import drop_rows_after, read_metrics
-from merv.train.trainer import CONFIG_KEY_CLASSES, TrainConfig, train
+from merv.train.resume import CheckpointError, ResumeError, classify_key, flatten_config
+from merv.train.trainer import CONFIG_KEY_CLASSES, train
+
+pytestmark = pytest.mark.integration  # Ray / several processes / servers: not in `make test-fast`
 
 MERV = [sys.executable, "-m", "merv.cli", "train"]
-BASE = {"max_steps": 4, "global_batch_size": 4, "micro_batch_size": 2, "checkpoint_every": 2, "export": False,
-        "progress": False, "tensorboard": False}
+BASE = {"max_steps": 4, "global_batch_size": 4, "micro_batch_size": 2, "checkpoint_every": 2, "export": False}
 STEP2, STEP4 = "step-00000002", "step-00000004"
 SHARD = "dcp/shard-00001-model-00001-of-00001.safetensors"
 RNG = "rng/rank-00000.safetensors"
@@ -39,7 +43,7 @@ STATE = "trainer_state.json"
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> tuple[str, str]:
-    return helpers_train.make_task(tmp_path_factory.mktemp("task"))
+    return tasks.make_task(tmp_path_factory.mktemp("task"))
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +54,9 @@ def base_run(task, tmp_path_factory) -> Path:
     return out
 
 
-def _config(task: tuple[str, str], out: Path, **changes) -> TrainConfig:
-    data, store = task
-    return TrainConfig(data=[data], stores=[store], out_dir=str(out), **{**BASE, **changes})
+def _config(task: tuple[str, str], out: Path, **flags) -> RunConfig:
+    """The tiny run of `task` in `out`, with changes named by the CLI's shorthand flags (FLAT_KEYS)."""
+    return tasks.run_config(task, out, {FLAT_KEYS[k]: v for k, v in {**BASE, **flags}.items()})
 
 
 def _copy(base_run: Path, dest: Path, drop: tuple[str, ...] = ()) -> Path:
@@ -259,7 +263,7 @@ def test_nothing_usable_is_refused_and_resume_auto_starts_fresh_only_when_there_
     empty = tmp_path / "empty"
     with pytest.raises(ResumeError, match="--resume: no checkpoint in"):
         train(_config(task, empty, resume=True))
-    assert not (empty / "config.json").exists()
+    assert not (empty / "config.yaml").exists()
     capsys.readouterr()
     assert train(_config(task, empty, resume="auto"))["trained_steps"] == 4
     assert "starting fresh (--resume-auto)" in capsys.readouterr().err
@@ -281,38 +285,46 @@ def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
 
 def test_every_config_key_is_classified(base_run):
     state = json.loads((base_run / "checkpoints" / STEP4 / STATE).read_text())
-    keys = set(flatten_config(state["resolved_config"])) | set(TrainConfig.__dataclass_fields__)
+    resolved = state["resolved_config"]
+    keys = set(flatten_config(resolved)) | set(dotted_keys(RunConfig))
     assert [k for k in sorted(keys) if classify_key(k, CONFIG_KEY_CLASSES) == "unclassified"] == []
-    assert state["resolved_config"]["lr"] == 1e-3 and state["resolved_config"]["encoders"]  # recipe values filled in
+    assert resolved["optim"]["lr"] == 1e-3 and resolved["model"]["encoders"]  # recipe values filled in
+    assert resolved["derived"] == {"pool_at_load": True, "num_examples": 32, "total_steps": 4, "world_size": 1,
+                                   "activation_checkpointing": False}
+    # the checkpoint records the run's config.yaml, plus what it came to
+    assert {k: v for k, v in resolved.items() if k != "derived"} == yaml.safe_load((base_run / "config.yaml").read_text())
+    # a key the table does not name is significant (refused on resume), whole sections included
+    for new_key in ("optim.new_knob", "checkpoint.new_knob", "logging.new_knob", "derived.new_value"):
+        assert classify_key(new_key, CONFIG_KEY_CLASSES) == "unclassified", new_key
 
 
 def test_a_changed_configuration_is_refused_unless_allowed_and_then_recorded(task, base_run, tmp_path, capsys):
     run = _copy(base_run, tmp_path / "run", drop=(STEP4,))
-    config_json = (run / "config.json").read_bytes()
-    encoders = json.loads((run / "checkpoints" / STEP2 / STATE).read_text())["resolved_config"]["encoders"]
+    config_yaml = (run / "config.yaml").read_bytes()
+    encoders = json.loads((run / "checkpoints" / STEP2 / STATE).read_text())["resolved_config"]["model"]["encoders"]
     subset = ["dinov2", "siglip", "vivit"]
-    refused = (({"lr": 2e-3}, "lr 0.001 -> 0.002 (optimisation)"),
+    refused = (({"lr": 2e-3}, "optim.lr 0.001 -> 0.002 (optimisation)"),
                ({"seed": 1}, "seed 0 -> 1 (data order)"),
-               ({"encoders": subset}, f"encoders {encoders} -> {subset} (model)"))
+               ({"encoders": subset}, f"model.encoders {encoders} -> {subset} (model)"))
     for change, listed in refused:
         with pytest.raises(ResumeError) as err:
             train(_config(task, run, resume=True, **change))
         assert listed in str(err.value) and "--allow-config-change" in str(err.value)
-    with pytest.raises(ResumeError, match="differs.*lr 0.001 -> 0.002 .*; seed 0 -> 1 "):  # all differences listed
+    with pytest.raises(ResumeError, match="differs.*optim.lr 0.001 -> 0.002 .*; seed 0 -> 1 "):  # all differences listed
         train(_config(task, run, resume=True, lr=2e-3, seed=1))
     # a model whose weights do not fit cannot resume even when allowed
     with pytest.raises(ResumeError, match="holds another model"):
         train(_config(task, run, resume=True, encoders=subset, allow_config_change=True))
-    assert (run / "config.json").read_bytes() == config_json  # never rewritten by a refused resume
+    assert (run / "config.yaml").read_bytes() == config_yaml  # never rewritten by a refused resume
     assert len(_steps(run)) == 4
     # allowed: continues with the new lr at step 3, and the run records what changed when
     capsys.readouterr()
     train(_config(task, run, resume=True, lr=2e-3, allow_config_change=True))
     assert "changed configuration (--allow-config-change)" in capsys.readouterr().err
-    record = [{"step": 2, "changes": {"lr": {"kind": "optimisation", "old": 1e-3, "new": 2e-3}}}]
+    record = [{"step": 2, "changes": {"optim.lr": {"kind": "optimisation", "old": 1e-3, "new": 2e-3}}}]
     assert json.loads((run / "config_changes.json").read_text()) == record
     assert json.loads((run / "checkpoints" / STEP4 / STATE).read_text())["config_changes"] == record
-    assert json.loads((run / "config.json").read_text())["lr"] == 2e-3
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 2e-3
     got, old = _steps(run), _steps(base_run)
     assert got[2]["lr"] == old[2]["lr"] and got[3]["lr"] == pytest.approx(2 * old[3]["lr"], rel=1e-12)
 

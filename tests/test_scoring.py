@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from merv.pipelines.evaluate import score_open_ended, summarize_run
-from merv.pipelines.scoring import (
+from merv.pipelines.evaluate import (
     JUDGE_SYSTEM_PROMPT,
     JudgeClient,
     extract_letter,
@@ -23,6 +23,8 @@ from merv.pipelines.scoring import (
     normalized_match,
     parse_judge_response,
     reference_correct,
+    score_open_ended,
+    summarize_run,
 )
 
 # ------------------------------------------------------------------------------------------- MCQ
@@ -176,8 +178,9 @@ class _Judge(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-@pytest.fixture
-def judge_server() -> Iterator[ThreadingHTTPServer]:
+@contextmanager
+def stub_judge() -> Iterator[ThreadingHTTPServer]:
+    """The stub judge on 127.0.0.1 (a free port); `.requests` records what it was asked."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
     server.requests = []  # type: ignore[attr-defined]
     server.flaky_left = 1  # type: ignore[attr-defined]
@@ -193,6 +196,12 @@ def judge_server() -> Iterator[ThreadingHTTPServer]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def judge_server() -> Iterator[ThreadingHTTPServer]:
+    with stub_judge() as server:
+        yield server
 
 
 def _client(server: ThreadingHTTPServer, **kw: object) -> JudgeClient:

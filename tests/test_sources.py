@@ -146,7 +146,7 @@ def test_unusable_manifests_are_named(tmp_path):
     (tmp_path / "strings.json").write_text('["a.mp4"]')
     with pytest.raises(SourceError, match=r"strings.json\[0\]: expected a JSON object"):
         read_manifest(tmp_path / "strings.json")
-    with pytest.raises(SourceError, match="local paths"):
+    with pytest.raises(SourceError, match=r"s3://bucket/manifest.jsonl: cannot be read .*AWS_ENDPOINT_URL"):
         discover("s3://bucket/manifest.jsonl")
 
 

@@ -122,12 +122,12 @@ def test_lossy_encodings_stay_within_documented_bound_and_compress(encoding):
 
 
 @pytest.mark.parametrize("encoding", ["fp16", "bitround", "int8"])
-def test_direct_row_reads_equal_zarr_reads_bit_for_bit(tmp_path, encoding):
-    """The loader's fast path (merv.store.direct) must return exactly what zarr returns, for any
+def test_shard_reader_row_reads_equal_zarr_reads_bit_for_bit(tmp_path, encoding):
+    """The loader's fast path (merv.store.shard_reader) must return exactly what zarr returns, for any
     row order, repeats and rows spread over several shards, values and int8 scales alike."""
     from zarr.core.sync import sync
 
-    from merv.store import direct
+    from merv.store import shard_reader
     from merv.store.group import _read_runs
 
     st = make_store(str(tmp_path / "s.zarr"), videos=11, images=0, per_shard=4)
@@ -136,19 +136,19 @@ def test_direct_row_reads_equal_zarr_reads_bit_for_bit(tmp_path, encoding):
     arrays = [group.array("video")] + ([group.scales("video")] if encoding == "int8" else [])
     rng = np.random.default_rng(4)
     for arr in arrays:
-        assert direct.supports(arr)
+        assert shard_reader.supports(arr)
         for rows in (np.array([10, 0, 5, 5, 9, 1]), rng.integers(0, 11, 20), np.array([3])):
-            got, want = sync(direct.read_rows(arr, rows)), sync(_read_runs(arr, rows))
+            got, want = sync(shard_reader.read_rows(arr, rows)), sync(_read_runs(arr, rows))
             assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8))
     partial = st.ensure_group(spec("siglip", encoding=encoding, framewise=False))  # shards 1, 2 never written
     partial.write_shard("video", 0, np.ones((4, *GRID, DIM), dtype=np.float32))
     rows = np.array([9, 0, 5])
-    got, want = sync(direct.read_rows(partial.array("video"), rows)), sync(_read_runs(partial.array("video"), rows))
+    got, want = sync(shard_reader.read_rows(partial.array("video"), rows)), sync(_read_runs(partial.array("video"), rows))
     assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
-def test_direct_reads_name_a_corrupt_row_and_unknown_layouts_use_zarr(tmp_path):
-    from merv.store import direct
+def test_shard_reader_names_a_corrupt_row_and_unknown_layouts_use_zarr(tmp_path):
+    from merv.store import shard_reader
 
     path = tmp_path / "s.zarr"
     st = make_store(str(path))
@@ -159,11 +159,11 @@ def test_direct_reads_name_a_corrupt_row_and_unknown_layouts_use_zarr(tmp_path):
     raw[40:48] = bytes(b ^ 0xFF for b in raw[40:48])  # inside the first chunk of shard 1 (row 3, sample v3)
     shard_file.write_bytes(bytes(raw))
     reader = FeatureReader(FeatureStore.open(str(path)))
-    with pytest.raises(direct.ChunkChecksumError, match="row 3"):
+    with pytest.raises(shard_reader.ChunkChecksumError, match="row 3"):
         reader.get_batch(["v4", "v3"])
     assert np.array_equal(reader.get_batch(["v4", "v0"])["dinov2"][0], truth["v4"])  # other rows still read
     other = zarr.create_array(zarr.storage.MemoryStore(), shape=(4, 3), chunks=(2, 3), dtype="float16")
-    assert not direct.supports(other)
+    assert not shard_reader.supports(other)
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (2, 16, 8, 8, 1024), (1000, 9), (0, 4)])
@@ -323,6 +323,7 @@ def _write_shards(path: str, shards: list[int]) -> None:
         group.write_shard("video", shard, x)
 
 
+@pytest.mark.integration
 def test_two_processes_writing_different_shards_verify_clean(tmp_path):
     path = str(tmp_path / "s.zarr")
     st = FeatureStore.create(path, samples_per_shard=2)

@@ -163,10 +163,10 @@ def test_the_fix_the_message_gives_makes_extract_redo_the_shard(tmp_path):
 
 
 def _damaged_task(root: Path) -> tuple[str, str, str]:
-    """helpers_train's task store with one committed shard object of one group deleted."""
-    import helpers_train
+    """testkit's task store with one committed shard object of one group deleted."""
+    from testkit import tasks
 
-    data, store = helpers_train.make_task(root, n=8, per_shard=4)
+    data, store = tasks.make_task(root, n=8, per_shard=4)
     key = next(k for k in FeatureStore.open(store).encoder_keys() if k.startswith("dinov2-"))
     (Path(store) / key / "video" / "c" / "1" / "0" / "0" / "0" / "0").unlink()  # samples v004..v007
     return data, store, key
@@ -177,6 +177,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*MERV, *args], capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_merv_train_exits_nonzero_naming_a_deleted_shard(tmp_path, workers):
     data, store, key = _damaged_task(tmp_path)
@@ -189,12 +190,13 @@ def test_merv_train_exits_nonzero_naming_a_deleted_shard(tmp_path, workers):
     assert "samples affected: v00" in run.stderr.replace("\n", "")
 
 
+@pytest.mark.integration
 def test_merv_eval_exits_nonzero_naming_a_deleted_shard(tmp_path):
     from test_evaluate import fill_store, write_mcq_benchmark
 
     from merv.extract.sources import read_manifest
     from merv.pipelines import evaluate as E
-    from merv.train.checkpoint_io import save_merv
+    from merv.train.export import save_merv
     from merv.train.tiny import build_tiny_merv
 
     model, _ = build_tiny_merv(seed=0)
@@ -237,7 +239,7 @@ def test_a_shard_whose_samples_all_failed_verifies_clean(tmp_path, encoding):
 
 
 def test_an_all_failed_shard_from_the_real_extraction_path_verifies_clean(tmp_path):
-    import helpers_media as H
+    from testkit import media as H
 
     from merv.extract.job import ExtractOptions, prepare_store
     from merv.extract.plan import PAPER_DECODE_FRAMES

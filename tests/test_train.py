@@ -11,22 +11,24 @@ import time
 from pathlib import Path
 
 import pytest
+from testkit import tasks
 
-from merv.pipelines.recipes import get_recipe
 from merv.store import UnknownEncoderError
-from merv.train.checkpoint_io import load_merv
+from merv.train.configurable import ConfigError
 from merv.train.data import MissingFeaturesError
+from merv.train.export import load_merv
 from merv.train.metrics import read_metrics
-from merv.train.trainer import TrainConfig, TrainConfigError, train
+from merv.train.recipes import get_recipe
+from merv.train.trainer import TrainConfigError, train
 
-import helpers_train  # noqa: E402 - the tests folder is on sys.path (conftest.py)
+pytestmark = pytest.mark.integration  # Ray / several processes / servers: not in `make test-fast`
 
 MERV = [sys.executable, "-m", "merv.cli"]
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> tuple[str, str]:
-    return helpers_train.make_task(tmp_path_factory.mktemp("task"))
+    return tasks.make_task(tmp_path_factory.mktemp("task"))
 
 
 def _cli(args: list[str], **kw) -> subprocess.CompletedProcess:
@@ -88,23 +90,23 @@ def test_killed_run_resumes_exactly(task, tmp_path):
 
 
 def test_loss_falls_clearly_on_a_learnable_task(task, tmp_path):
-    data, store = task
-    summary = train(TrainConfig(data=[data], stores=[store], out_dir=str(tmp_path / "learn"), max_steps=200,
-                                global_batch_size=8, micro_batch_size=8, lr=3e-3, warmup_ratio=0.05, progress=False,
-                                tensorboard=False, checkpoint_every=0))
+    summary = train(tasks.run_config(task, tmp_path / "learn", {
+        "schedule.max_steps": 200, "loader.global_batch_size": 8, "loader.micro_batch_size": 8, "optim.lr": 3e-3,
+        "schedule.warmup_ratio": 0.05, "checkpoint.every": 0}))
     losses = summary["losses"]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.5 and last < first / 8, (first, last)
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the group of one it started is gone: the next in-process job starts clean
     # the export loads as a plain MervModel and answers from features
     model = load_merv(summary["export"])
-    assert model.connector.names == list(get_recipe("tiny").encoders)  # the reference's fusion order
+    assert model.connector.names == list(get_recipe("tiny").model.encoders)  # the reference's fusion order
 
 
 def test_three_encoder_subset_of_a_four_encoder_store(task, tmp_path):
-    data, store = task
-    summary = train(TrainConfig(data=[data], stores=[store], out_dir=str(tmp_path / "sub"), max_steps=2,
-                                global_batch_size=4, encoders=["dinov2", "siglip", "vivit"], progress=False,
-                                tensorboard=False))
+    summary = train(tasks.run_config(task, tmp_path / "sub", {
+        "schedule.max_steps": 2, "loader.global_batch_size": 4, "model.encoders": ["dinov2", "siglip", "vivit"]}))
     model = load_merv(summary["export"])
     assert model.connector.names == ["dinov2", "siglip", "vivit"]
     metrics = read_metrics(tmp_path / "sub" / "metrics.jsonl")
@@ -112,25 +114,29 @@ def test_three_encoder_subset_of_a_four_encoder_store(task, tmp_path):
 
 
 def test_bad_configurations_fail_clearly(task, tmp_path):
-    data, store = task
-    base = dict(data=[data], stores=[store], out_dir=str(tmp_path / "bad"), max_steps=1, global_batch_size=4,
-                progress=False, tensorboard=False, export=False)
-    with pytest.raises(TrainConfigError, match="not a square"):
-        train(TrainConfig(**base, tokens_per_frame=60))
+    data, _store = task
+
+    def config(**changes):
+        return tasks.run_config(task, tmp_path / "bad", {
+            "schedule.max_steps": 1, "loader.global_batch_size": 4, "checkpoint.export": False, **changes})
+
+    with pytest.raises(ConfigError, match="not a square"):  # refused when the config is built
+        config(**{"model.connector.tokens_per_frame": 60})
     with pytest.raises(UnknownEncoderError, match="hiera"):
-        train(TrainConfig(**base, encoders=["dinov2", "hiera"]))
-    with pytest.raises(TrainConfigError, match="micro-batches of 3"):
-        train(TrainConfig(**base, micro_batch_size=3))
-    with pytest.raises(ValueError, match="tokens|grid|frames"):
-        train(TrainConfig(**base, projector="avg2d", tokens_per_frame=64, pool_at_load=False))  # 4x4 grid < 8x8
+        train(config(**{"model.encoders": ["dinov2", "hiera"]}))
+    with pytest.raises(ConfigError, match="micro-batches of 3"):
+        train(config(**{"loader.micro_batch_size": 3}))
+    with pytest.raises(ValueError, match="tokens|grid|frames"):  # 4x4 grid < 8x8
+        train(config(**{"model.connector.projector": "avg2d", "model.connector.tokens_per_frame": 64,
+                        "data.pool_at_load": False}))
     with pytest.raises(TrainConfigError, match=r"no answer tokens: --max-length 6 truncated .*task.json.*raise --max-length"):
-        train(TrainConfig(**base, max_length=6))
+        train(config(**{"model.llm.max_length": 6}))
     records = json.loads(Path(data).read_text()) + [
         {"id": "ghost-1", "video": "ghost-1.mp4", "conversations": [{"from": "human", "value": "<video>\nhi"},
                                                                    {"from": "gpt", "value": "red"}]}]
     extra = tmp_path / "with_missing.json"
     extra.write_text(json.dumps(records))
     with pytest.raises(MissingFeaturesError, match="ghost-1"):
-        train(TrainConfig(**{**base, "data": [str(extra)]}))
-    ok = train(TrainConfig(**{**base, "data": [str(extra)]}, allow_missing=True))
+        train(config(**{"data.files": [str(extra)]}))
+    ok = train(config(**{"data.files": [str(extra)], "data.allow_missing": True}))
     assert ok["steps"] == 1

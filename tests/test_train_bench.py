@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from merv.benchmarks import train_bench
-from merv.pipelines.recipes import get_recipe
+from merv.train.recipes import RecipeError, get_recipe
 
 
+@pytest.mark.integration
 def test_three_modes_train_identically_and_report_ratios(tmp_path, capsys):
     """Same batches, same model: online decode + encode, the store and features held in memory
     must give the same loss at every step, so the timings compare feeding paths only."""
@@ -41,8 +42,8 @@ def test_small_recipe_keeps_the_paper_proportions():
     from merv.extract.encoders import build_encoder
     from merv.train.specs import FeatureSpec
 
-    recipe = get_recipe("small")
-    encoders = {n: build_encoder(n, size=recipe.size) for n in recipe.encoders}
+    recipe = get_recipe("small").model
+    encoders = {n: build_encoder(n, size=recipe.encoder_size) for n in recipe.encoders}
     specs = [FeatureSpec(n, e.info.grid, e.info.dim) for n, e in encoders.items()]
     model = recipe.build(specs, dtype=torch.float32)
     assert model.connector.num_tokens == 16 * 64
@@ -57,12 +58,15 @@ def test_paper_shape_recipe_is_the_papers_model_without_weights():
     connector have exactly the parameters of the analytic paper report, LLaMA-2 7B's shapes."""
     from merv.train.llm import llama2_7b_config
 
-    recipe = get_recipe("paper-shape")
-    assert recipe.size == "paper" and recipe.encoder_weights == "random"
-    assert [s.stage for s in recipe.stages] == ["align", "finetune"]  # align: one GPU, frozen LLM
+    recipe = get_recipe("paper-shape").model
+    assert recipe.encoder_size == "paper" and recipe.encoder_weights == "random"
+    assert get_recipe("paper-shape", "align").stage == "align"  # align: one GPU, frozen LLM
+    assert get_recipe("paper-shape").stage == "finetune"
+    with pytest.raises(RecipeError, match="align, finetune"):
+        get_recipe("paper-shape", "full-align")
     with torch.device("meta"):
         model = recipe.build()
-    report = get_recipe("merv-frozen").report()
+    report = get_recipe("merv-frozen").model.report()
     assert sum(p.numel() for p in model.llm.parameters()) == report.params["llm"] > 6.7e9
     connector = sum(v for k, v in report.params.items() if k.startswith(("projector/", "fusion")))
     assert sum(p.numel() for p in model.connector.parameters()) == connector
@@ -77,8 +81,8 @@ def test_paper_size_random_encoders_need_no_weights(monkeypatch):
     weights build without any checkpoint (offline), and the choice survives pickling to workers."""
     import pickle
 
+    from merv.train.accounting import PAPER_ENCODERS
     from merv.train.online import OnlineEncoders, OnlineFeatureFn
-    from merv.train.paper import PAPER_ENCODERS
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     enc = OnlineEncoders([PAPER_ENCODERS["siglip"].spec], size="paper", weights="random").encoder("siglip")
@@ -96,15 +100,18 @@ def test_bench_extracts_with_the_recipes_encoder_weights(monkeypatch, tmp_path):
         return ExtractSummary(extracted=3)
 
     monkeypatch.setattr("merv.extract.job.run_extraction", fake_run)
-    assert train_bench.extract(tmp_path / "m.jsonl", tmp_path / "s.zarr", get_recipe("paper-shape"), "cuda")["videos"] == 3
+    assert train_bench.extract(tmp_path / "m.jsonl", tmp_path / "s.zarr", get_recipe("paper-shape").model,
+                               "cuda")["videos"] == 3
     opts = seen["opts"]
     assert (opts.size, opts.weights, opts.grid, opts.device) == ("paper", "random", "8x8", "cuda")
 
 
 def test_online_and_a_custom_feature_fn_are_refused_before_any_setup(tmp_path):
-    from merv.train.trainer import TrainConfig, TrainConfigError, train
+    from merv.train.trainer import TrainConfigError, train
 
     out = tmp_path / "run"
+    config = get_recipe("tiny").override({"data.files": ["missing.json"], "data.online": True,
+                                          "checkpoint.out_dir": str(out)})
     with pytest.raises(TrainConfigError, match="choose one"):
-        train(TrainConfig(data=["missing.json"], online=True, out_dir=str(out)), feature_fn=train_bench.InMemoryFeatures())
+        train(config, feature_fn=train_bench.InMemoryFeatures())
     assert not out.exists()  # nothing was written

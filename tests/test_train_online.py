@@ -13,11 +13,14 @@ from PIL import Image
 
 from merv.extract.job import ExtractOptions, run_extraction
 from merv.extract.sources import local_file
+from merv.pipelines.synthetic import generate_synthetic
 from merv.store import FeatureReader
 from merv.train.online import OnlineEncoders
+from merv.train.recipes import get_recipe
 from merv.train.specs import FeatureSpec
-from merv.pipelines.synthetic import generate_synthetic
-from merv.train.trainer import TrainConfig, train
+from merv.train.trainer import train
+
+pytestmark = pytest.mark.integration  # Ray / several processes / servers: not in `make test-fast`
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +41,12 @@ def extracted(tmp_path_factory):
 
 def test_online_and_cached_training_give_the_same_first_step_loss(extracted):
     root, data, store = extracted
-    common = dict(data=[data], stores=[store], recipe="tiny", stage="finetune", max_steps=1, global_batch_size=4,
-                  tokens_per_frame=16, export=False, progress=False, tensorboard=False)
-    cached = train(TrainConfig(**common, out_dir=str(root / "cached")))
-    online = train(TrainConfig(**common, out_dir=str(root / "online"), online=True))
+    common = get_recipe("tiny", stage="finetune").override({
+        "data.files": [data], "data.stores": [store], "schedule.max_steps": 1, "loader.global_batch_size": 4,
+        "model.connector.tokens_per_frame": 16, "checkpoint.export": False, "logging.progress": False,
+        "logging.tensorboard": False})
+    cached = train(common.override({"checkpoint.out_dir": str(root / "cached")}))
+    online = train(common.override({"checkpoint.out_dir": str(root / "online"), "data.online": True}))
     print("first-step loss cached / online:", cached["losses"][0], online["losses"][0])
     assert cached["losses"][0] == pytest.approx(online["losses"][0], abs=1e-6)
     assert cached["losses"][0] > 1.0  # an untrained model: the comparison is not between two zeros

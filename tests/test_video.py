@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testkit import media as H
+
 from merv.extract import video as V
-
-
-import helpers_media as H  # noqa: E402 - the tests folder is on sys.path (conftest.py)
 
 
 @pytest.fixture(scope="module")

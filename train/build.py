@@ -1,5 +1,5 @@
-"""Build a `MervModel` from (feature specs, connector config, LLM source): the one entry point the
-trainer, the demo and `merv model` use, whatever the LLM (tiny in-process or a local HF model)."""
+"""Build a `MervModel` from (feature specs, connector config, LLM source), whatever the LLM (tiny
+in-process or a local HF model); reached through `merv.train.config.ModelConfig.build`."""
 
 from __future__ import annotations
 
@@ -31,19 +31,22 @@ IN_PROCESS_LLMS: dict[str, tuple[str, dict[str, int]]] = {
 
 def build_merv(
     specs: list[FeatureSpec],
-    connector_config: ConnectorConfig | None = None,
-    llm_source: str = "llama2-7b-pure",
+    connector_config: ConnectorConfig,
+    llm_source: str,
     *,
+    model_max_length: int,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
     prompt_format: str | None = None,
     seed: int = 0,
-    model_max_length: int = 2048,
     tiny_llm_kwargs: dict[str, Any] | None = None,
 ) -> MervModel:
     """Connector (seeded) + LLM. `llm_source`: a registry id, a local HF directory, or one of
-    `IN_PROCESS_LLMS` (built in-process with the project's own tokenizer, no files needed)."""
+    `IN_PROCESS_LLMS` (built in-process with the project's own tokenizer, no files needed).
+
+    The hyper-parameters have no defaults here: `merv.train.config.ModelConfig.build` is the way
+    in, and its config holds them."""
     if llm_source in IN_PROCESS_LLMS:
         from .tiny import build_tiny_llm, build_tiny_tokenizer
 
@@ -57,8 +60,7 @@ def build_merv(
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        connector = Connector(specs, llm.config.hidden_size, connector_config or ConnectorConfig())
-    connector.to(dtype=next(llm.parameters()).dtype)
+        connector = Connector(specs, llm.config.hidden_size, connector_config)
     fmt = prompt_format or default_prompt_format(llm_source, tokenizer)
     model = MervModel(connector, llm, tokenizer=tokenizer, prompt_format=fmt, llm_source=llm_source)
     if device is not None:

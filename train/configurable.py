@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import typing
@@ -68,19 +69,33 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """`["optim.lr=2e-5", "model.encoders=[dinov2,siglip]"]` -> a nested dict. Values are read as
     YAML scalars / flow collections (`true`, `null`, `[a, b]`, `{k: v}`); types are checked later
     against the config's fields."""
-    import yaml
-
     out: dict[str, Any] = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set optim.lr=2e-5")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw  # a plain string the YAML reader rejects (e.g. with a colon): keep it as written
+        key, value = parse_override(item)
         _set_dotted(out, key.split("."), value, item)
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """One `a.b.c=value` -> ("a.b.c", value), the value read as in `parse_overrides`."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set optim.lr=2e-5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # a plain string the YAML reader rejects (e.g. with a colon): keep it as written
+    return key, value
+
+
+def unflatten(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"optim.lr": 1}` -> `{"optim": {"lr": 1}}` (the inverse of `flatten`)."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        _set_dotted(out, key.split("."), value, f"{key}={value!r}")
     return out
 
 
@@ -109,35 +124,56 @@ def merge(base: Mapping[str, Any], *overlays: Mapping[str, Any]) -> dict[str, An
 # ------------------------------------------------------------------------------------ building
 def build_config(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:
     """Validate `data` into the dataclass `cls` (nested dataclasses included), strictly."""
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import ValidationError
 
-    unknown = _unknown_keys(cls, data)
-    if unknown:
-        more = f" (and {len(unknown) - 1} more unknown key(s))" if len(unknown) > 1 else ""
-        raise ConfigError(f"{source}: {unknown[0]}{more}")
+    check_keys(cls, data, source)
     try:
-        return TypeAdapter(cls).validate_python(dict(data))
+        return _adapter(cls).validate_python(dict(data))
     except ValidationError as exc:
         lines = [_describe(cls, err) for err in exc.errors()]
         more = f" (and {len(lines) - 1} more problem(s))" if len(lines) > 1 else ""
         raise ConfigError(f"{source}: {lines[0]}{more}") from None
 
 
+def build_config_layers(cls: type[T], layers: Sequence[tuple[str, Mapping[str, Any]]]) -> T:
+    """(source, data) layers, lowest precedence first, deep-merged and validated into `cls`.
+
+    Unknown keys are reported with the layer that holds them (`--set: unknown key ...`), values
+    with the sources merged over the first (the defaults / recipe)."""
+    for source, data in layers:
+        check_keys(cls, data, source)
+    named = [source for source, data in layers[1:] if data]
+    return build_config(cls, merge({}, *(data for _, data in layers)), " + ".join(named) or "config")
+
+
+def check_keys(cls: Any, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
+    """Raise a ConfigError naming the first key of `data` that is no field of `cls` (nested
+    dataclasses included) and the closest valid key; `prefix` is prepended to the keys named."""
+    unknown = _unknown_keys(cls, data, tuple(prefix.split(".")) if prefix else ())
+    if unknown:
+        more = f" (and {len(unknown) - 1} more unknown key(s))" if len(unknown) > 1 else ""
+        raise ConfigError(f"{source}: {unknown[0]}{more}")
+
+
+@functools.cache
+def _adapter(cls: Any) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(cls)
+
+
 def load_config(cls: type[T], *, base: Mapping[str, Any] | None = None, file: str | os.PathLike[str] | None = None,
                 overrides: Sequence[str] = (), extra: Mapping[str, Any] | None = None) -> T:
     """`base` (e.g. a recipe), then `file`, then `extra` (the CLI's shorthand flags), then
     `overrides` (`--set`), merged and validated into `cls`."""
-    layers = [dict(base or {})]
-    sources = []
-    if file is not None:
-        layers.append(read_config_file(file))
-        sources.append(str(file))
-    if extra:
-        layers.append(dict(extra))
-    if overrides:
-        layers.append(parse_overrides(overrides))
-        sources.append("--set")
-    return build_config(cls, merge(*layers), " + ".join(sources) or "config")
+    return build_config_layers(cls, config_layers(base=base, file=file, extra=extra, overrides=overrides))
+
+
+def config_layers(*, base: Mapping[str, Any] | None = None, file: str | os.PathLike[str] | None = None,
+                  extra: Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """The (source, data) layers of `load_config`, lowest precedence first."""
+    return [("defaults", dict(base or {})), (str(file), read_config_file(file) if file is not None else {}),
+            ("command-line flags", dict(extra or {})), ("--set", parse_overrides(overrides))]
 
 
 def config_to_dict(obj: Any) -> dict[str, Any]:
@@ -155,10 +191,15 @@ def config_to_dict(obj: Any) -> dict[str, Any]:
 
 
 def dump_config(obj: Any, path: str | os.PathLike[str] | None = None) -> str:
-    """The config as YAML text (keys in field order); written to `path` when given."""
+    """The config as YAML text (keys in field order, one key per line, lists inline); written to
+    `path` when given."""
     import yaml
 
-    text = yaml.safe_dump(config_to_dict(obj), sort_keys=False, default_flow_style=None, width=120)
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+    text = yaml.dump(config_to_dict(obj), Dumper=Dumper, sort_keys=False, default_flow_style=False, width=120)
     if path is not None:
         Path(path).write_text(text)
     return text
@@ -194,6 +235,30 @@ def _fields_at(cls: Any, loc: Sequence[Any]) -> tuple[list[str], list[str]]:
     return path, ([f.name for f in dataclasses.fields(node)] if node is not None else [])
 
 
+def dotted_keys(cls: Any, prefix: str = "") -> list[str]:
+    """Every leaf key of a dataclass tree, dotted (`["optim.lr", "model.connector.fusion", ...]`)."""
+    out: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        inner = _dataclass_in(hints.get(f.name, f.type))
+        out += dotted_keys(inner, f"{prefix}{f.name}.") if inner is not None else [f"{prefix}{f.name}"]
+    return out
+
+
+def suggest_key(name: str, cls: Any) -> str | None:
+    """The key of `cls` that `name` most likely meant: a field at this level, else a nested leaf
+    whose own name is close (`lr` at the top of a run config -> `optim.lr`)."""
+    leaves = dotted_keys(cls)
+    exact = [k for k in leaves if "." in k and k.rsplit(".", 1)[-1] == name]
+    if exact:
+        return exact[0]
+    close = closest(name, [f.name for f in dataclasses.fields(cls)])
+    if close:
+        return close
+    last = closest(name, [k.rsplit(".", 1)[-1] for k in leaves])
+    return next((k for k in leaves if k.rsplit(".", 1)[-1] == last), None) if last else None
+
+
 def _unknown_keys(cls: Any, data: Mapping[str, Any], path: tuple[str, ...] = ()) -> list[str]:
     """Every key of `data` that is no field of the dataclass at its place, described with the
     closest valid key. pydantic silently drops unknown keys of stdlib dataclasses; a typo in a
@@ -203,7 +268,7 @@ def _unknown_keys(cls: Any, data: Mapping[str, Any], path: tuple[str, ...] = ())
     out = []
     for key, value in data.items():
         if key not in fields:
-            close = closest(str(key), list(fields))
+            close = suggest_key(str(key), cls)
             hint = f"did you mean {'.'.join([*path, close])}?" if close else f"valid keys: {', '.join(fields)}"
             out.append(f"unknown key {'.'.join([*path, str(key)])!r}; {hint}")
             continue
@@ -240,8 +305,7 @@ def _dataclass_in(tp: Any) -> Any:
 
 def _describe(cls: Any, err: Mapping[str, Any]) -> str:
     path, _ = _fields_at(cls, [p for p in err.get("loc", ()) if not isinstance(p, int)])
-    dotted = ".".join(path) or "(top level)"
     message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     given = err.get("input")
     shown = "" if isinstance(given, Mapping) else f" (got {given!r})"
-    return f"{dotted}: {message}{shown}"
+    return f"{'.'.join(path)}: {message}{shown}" if path else f"{message}{shown}"

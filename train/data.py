@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from merv import MervError
+from merv.jsonl import JsonlLineError, jsonl_rows
 from merv.store import KINDS, FeatureReader, FeatureStore
 
 from .prompts import conversation_problem
@@ -168,13 +169,10 @@ def load_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not text.strip():
         raise InstructionDataError(f"instruction data file {path}: the file is empty; pass a JSON list of LLaVA records or JSONL")
     if path.endswith(".jsonl"):
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise InstructionDataError(f"{path}:{n}: not valid JSON ({exc.msg}); a .jsonl file holds one record per line") from exc
+        try:
+            records = [record for _, record in jsonl_rows(text)]
+        except JsonlLineError as exc:
+            raise InstructionDataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); a .jsonl file holds one record per line") from None
     else:
         try:
             records = json.loads(text)

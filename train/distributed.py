@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from merv.devices import local_rank, resolve_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -34,18 +36,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
-
-
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """Join the launcher's process group (nccl on GPU, gloo on CPU) or start a group of one."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = resolve_device(device, local_rank)
+    rank = local_rank()
+    dev = resolve_device(device, rank)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -56,7 +50,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
         else:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
                                     timeout=timeout)
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), rank, dev, backend)
 
 
 def shutdown_distributed() -> None:

@@ -81,7 +81,7 @@ class CrossAttentionFusion(Fusion):
     kind = "cross_attention"
     inert = ("attention.v_proj_weight", "attention.out_proj.weight", "attention.out_proj.bias")
 
-    def __init__(self, num_encoders: int, d_llm: int, embed_dim: int = 3072) -> None:
+    def __init__(self, num_encoders: int, d_llm: int, embed_dim: int) -> None:
         super().__init__(num_encoders, d_llm)
         self.embed_dim = embed_dim
         self.Q = nn.Parameter(torch.empty(1, embed_dim))
@@ -186,8 +186,12 @@ class FixedMixFusion(Fusion):
         return _mix(weights, stacked), weights
 
 
-def build_fusion(kind: str, num_encoders: int, d_llm: int, *, embed_dim: int = 3072) -> Fusion:
+def build_fusion(kind: str, num_encoders: int, d_llm: int, *, embed_dim: int | None = None) -> Fusion:
+    """`embed_dim`: the cross-attention query width (ConnectorConfig.fusion_embed_dim, where its
+    default lives); the other fusions have none."""
     if kind == "cross_attention":
+        if embed_dim is None:
+            raise ValueError("cross_attention fusion needs embed_dim (ConnectorConfig.fusion_embed_dim)")
         return CrossAttentionFusion(num_encoders, d_llm, embed_dim)
     if kind == "cross_attention_plain":
         return PlainCrossAttentionFusion(num_encoders, d_llm)

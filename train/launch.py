@@ -1,8 +1,9 @@
 """`merv train --nproc N`: start N local processes with torchrun on the same config.
 
-On several nodes run torchrun yourself, e.g.
+On several nodes run torchrun yourself on a config file (e.g. `merv train ... --print-config >
+run.yaml`, or a finished run's config.yaml), e.g.
   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HEAD:29500 \\
-      -m merv.train.trainer run/config.json
+      -m merv.train.trainer run.yaml
 
 Stopping: torchrun runs in its own session, so Ctrl-C in the terminal reaches only this process,
 which passes SIGINT / SIGTERM (SIGHUP as SIGTERM) on to the workers once. They agree on a step
@@ -20,12 +21,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 # torchrun's wait for workers after a signal it received itself (e.g. from Slurm) before SIGKILL:
 # long enough for the step in flight plus a checkpoint
 GRACEFUL_STOP_TIMEOUT_S = 600
 STOP_REPORT = ".stop_report.json"
+LAUNCH_CONFIG = "launch_config.yaml"  # the config the workers read (the run's config.yaml is theirs to write)
 
 
 def _children(pid: int) -> list[int]:
@@ -65,16 +70,18 @@ def _forward_stop_signals(proc: subprocess.Popen[bytes]) -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def launch_torchrun(config: Any, nproc: int, extra_args: list[str] | None = None) -> int:
-    """Run the config on `nproc` local workers; returns torchrun's exit status.
+def launch_torchrun(config: RunConfig, extra_args: list[str] | None = None) -> int:
+    """Run the config on `config.parallel.nproc` local workers; returns torchrun's exit status.
 
     Raises TrainingStopped when the workers stopped on a signal (the status is then 128 + signal)."""
+    from .configurable import dump_config
     from .trainer import STOP_REPORT_ENV, TrainingStopped
 
-    out = Path(config.out_dir)
+    out = Path(config.checkpoint.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "launch_config.json"
-    cfg_path.write_text(json.dumps(config.to_json(), indent=1))
+    cfg_path = out / LAUNCH_CONFIG
+    dump_config(config, cfg_path)
+    nproc = config.parallel.nproc
     report = out / STOP_REPORT
     report.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

@@ -114,15 +114,16 @@ def _short(err: Exception, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def load_tokenizer(source: str, *, model_max_length: int = 2048) -> Any:
-    """Fast tokenizer, right padding (training), offline."""
+def load_tokenizer(source: str, *, model_max_length: int | None = None) -> Any:
+    """Fast tokenizer, right padding (training), offline. `model_max_length`: the run's
+    `model.llm.max_length` (None keeps the tokenizer's own)."""
     from transformers import AutoTokenizer
 
     path = resolve_llm_source(source)
+    limit = {} if model_max_length is None else {"model_max_length": model_max_length}
     try:
-        tok = AutoTokenizer.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False, padding_side="right", model_max_length=model_max_length
-        )
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False, padding_side="right",
+                                            **limit)
     except (OSError, ValueError) as err:
         raise _not_found(source, "tokenizer", err) from err
     return tok
@@ -135,7 +136,7 @@ def load_llm(
     attn_implementation: str | None = None,
     with_weights: bool = True,
     device: str | torch.device | None = None,
-    model_max_length: int = 2048,
+    model_max_length: int | None = None,
     pad_to_multiple_of: int = PAD_MULTIPLE,
 ) -> tuple[nn.Module, Any]:
     """Load `(llm, tokenizer)` offline; `with_weights=False` builds the architecture from its config

@@ -41,9 +41,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from merv import MervError
 
+from .config import LoaderConfig
 from .data import InstructionData
+from .prompts import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 WORKER_ERROR = "merv_worker_error"  # a batch key: a user error raised in a DataLoader worker
 
 TokenIds = Sequence[int] | torch.Tensor
@@ -138,6 +139,25 @@ class BatchLayout:
 
 
 # --------------------------------------------------------------------------- batches
+def pad_batch(
+    seqs: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad (input_ids, labels) pairs to (input_ids, attention_mask, labels), each (B, L).
+
+    Pads are `pad_id` / 0 / -100. One routine for training batches and for anything else that
+    must see sequences exactly as training does (e.g. `MervModel.option_loglikelihoods`).
+    """
+    b, length = len(seqs), max(len(x) for x, _ in seqs)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((b, length), dtype=torch.long)
+    for j, (x, y) in enumerate(seqs):
+        input_ids[j, : len(x)] = x
+        labels[j, : len(y)] = y
+        mask[j, : len(x)] = 1
+    return input_ids, mask, labels
+
+
 def collate(
     data: InstructionData,
     examples: np.ndarray,
@@ -164,14 +184,7 @@ def collate(
             input_ids, labels = input_ids[:max_length], labels[:max_length]
         seqs.append((input_ids, labels))
         ids.append(ex.id)
-    b, length = len(seqs), max(len(s[0]) for s in seqs)
-    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
-    labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((b, length), dtype=torch.long)
-    for j, (x, y) in enumerate(seqs):
-        input_ids[j, : len(x)] = x
-        labels[j, : len(y)] = y
-        mask[j, : len(x)] = 1
+    input_ids, mask, labels = pad_batch(seqs, pad_id)
     features, has_visual = data.read_features(examples, feature_dtype)
     return {
         "features": features,
@@ -277,11 +290,11 @@ class StreamingLoader:
         world_size: int | None = None,
         accum: int = 1,
         seed: int = 0,
-        buffer_shards: int = 4,
+        buffer_shards: int = LoaderConfig.buffer_shards,
         max_length: int | None = None,
         pad_id: int = 0,
-        num_workers: int = 0,
-        prefetch_factor: int = 2,
+        num_workers: int = LoaderConfig.num_workers,
+        prefetch_factor: int = LoaderConfig.prefetch_factor,
         pin_memory: bool = False,
         drop_last: bool = False,
         feature_dtype: torch.dtype = torch.float16,

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from merv.jsonl import jsonl_rows
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -84,4 +86,5 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl (a torn last line from a killed run is skipped)."""
+    return [row for _, row in jsonl_rows(Path(path).read_text(errors="replace"), on_broken=lambda *_: None)]

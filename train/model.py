@@ -46,6 +46,21 @@ class GenerationOutput:
         return self.texts[0]
 
 
+@dataclass
+class OptionScores:
+    """Per prompt, per option: summed log-probability of the option's answer tokens and their count."""
+
+    sums: list[list[float]]
+    counts: list[list[int]]
+    fusion_weights: torch.Tensor | None  # (B, E), one row per prompt
+
+    def normalized(self, norm: str = "mean") -> list[list[float]]:
+        """Scores to compare options by: "mean" per answer token (options differ in length) or "sum"."""
+        if norm not in ("mean", "sum"):
+            raise ValueError(f"norm {norm!r} is unknown; use 'mean' or 'sum'")
+        return [[s / max(c, 1) if norm == "mean" else s for s, c in zip(ss, cs)] for ss, cs in zip(self.sums, self.counts)]
+
+
 def merge_visual(
     embeds: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -101,7 +116,11 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 
 class MervModel(nn.Module):
-    """Connector + any HF causal LM. `tokenizer` is optional for training, needed to generate text."""
+    """Connector + any HF causal LM. `tokenizer` is optional for training, needed to generate text.
+
+    The one constructor every builder (recipes, exports, the published-weight converter, the tiny
+    test model) goes through; it casts the connector to the LLM's dtype so no caller has to.
+    """
 
     def __init__(
         self,
@@ -117,6 +136,9 @@ class MervModel(nn.Module):
         hidden = llm.config.hidden_size
         if connector.d_llm != hidden:
             raise ValueError(f"connector projects to {connector.d_llm} but the LLM's hidden size is {hidden}; build it with d_llm={hidden}")
+        llm_param = next(llm.parameters(), None)
+        if llm_param is not None:
+            connector.to(dtype=llm_param.dtype)
         self.connector = connector
         self.llm = llm
         self.tokenizer = tokenizer
@@ -228,7 +250,7 @@ class MervModel(nn.Module):
             attention_mask=mask,
             fusion_weights=weights,
             num_label_tokens=count,
-            past_key_values=out.past_key_values if use_cache else None,
+            past_key_values=_cache_of(out) if use_cache else None,
         )
 
     # --- inference ----------------------------------------------------------------------------
@@ -296,6 +318,65 @@ class MervModel(nn.Module):
         return embeds, mask, positions
 
     @torch.inference_mode()
+    def option_loglikelihoods(
+        self,
+        features: dict[str, torch.Tensor],
+        messages: Sequence[str],
+        options: Sequence[Sequence[str]],
+        *,
+        system_prompt: str | None = None,
+    ) -> OptionScores:
+        """Log-likelihood of each option as the answer to its message, seen exactly as in training.
+
+        Sample j (features row j) asks `messages[j]`; every `options[j][k]` becomes the gpt turn of
+        a one-turn conversation tokenised like a training record (`tokenize_conversation`: the
+        option plus the end-of-turn token), padded by the loader's `pad_batch`, and scored by this
+        model's `embed_multimodal` (visual tokens placed as in training) and LLM. Only the logits
+        that predict answer tokens are computed, so memory does not grow with the visual tokens.
+        """
+        from .loader import pad_batch
+        from .prompts import tokenize_conversation
+
+        if self.tokenizer is None:
+            raise ValueError("option_loglikelihoods needs a tokenizer: MervModel(..., tokenizer=tok)")
+        if len(messages) != len(options):
+            raise ValueError(f"{len(messages)} messages but {len(options)} option lists")
+        seqs, owner = [], []
+        for j, (message, opts) in enumerate(zip(messages, options)):
+            if not opts:
+                raise ValueError(f"message {j} has no options to score")
+            for answer in opts:
+                conv = [{"from": "human", "value": message}, {"from": "gpt", "value": answer}]
+                seqs.append(tokenize_conversation(get_prompt_builder(self.prompt_format, self.tokenizer, system_prompt), self.tokenizer, conv))
+                owner.append(j)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids, mask, labels = (t.to(self.device) for t in pad_batch(seqs, pad))
+        rows = torch.tensor(owner)
+        row_feats = {k: v.index_select(0, rows.to(v.device)) for k, v in features.items()}
+        embeds, amask, lab, weights = self.embed_multimodal(row_feats, input_ids, mask, labels)
+        assert lab is not None
+        # keep the positions [first answer token - 1, last answer token): the logits that predict answers
+        cols = (lab != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+        lo, hi = int(cols.min()) - 1, int(cols.max())
+        keep = torch.arange(lo, hi, device=embeds.device)
+        try:
+            logits = self.llm(inputs_embeds=embeds, attention_mask=amask, use_cache=False, logits_to_keep=keep).logits
+        except TypeError:  # an LLM without tensor logits_to_keep: compute everything, then slice
+            logits = self.llm(inputs_embeds=embeds, attention_mask=amask, use_cache=False).logits[:, lo:hi]
+        target = lab[:, lo + 1 : hi + 1]
+        valid = target != IGNORE_INDEX
+        token_lp = F.log_softmax(logits.float(), dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
+        sums, counts = token_lp.sum(-1).cpu().tolist(), valid.sum(-1).cpu().tolist()
+        out = OptionScores([[] for _ in messages], [[] for _ in messages], None)
+        for i, j in enumerate(owner):
+            out.sums[j].append(float(sums[i]))
+            out.counts[j].append(int(counts[i]))
+        if weights is not None:
+            first = torch.tensor([owner.index(j) for j in range(len(messages))], device=weights.device)
+            out.fusion_weights = weights.index_select(0, first)
+        return out
+
+    @torch.inference_mode()
     def generate(
         self,
         features: dict[str, torch.Tensor] | None,
@@ -334,9 +415,9 @@ class MervModel(nn.Module):
             if use_cache:
                 out = self.llm(
                     inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_pos,
-                    past_key_values=past, use_cache=True, logits_to_keep=1,
+                    use_cache=True, logits_to_keep=1, **{_cache_kwarg(self.llm): past},
                 )
-                past = out.past_key_values
+                past = _cache_of(out)
             else:
                 out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1)
             logits = out.logits[:, -1].float()
@@ -377,3 +458,17 @@ class MervModel(nn.Module):
             raise ValueError("pass exactly one of prompt= (full prompt text) or question= (wrapped in the prompt format)")
         features = encoders.encode_path(path, device=self.device)
         return self.generate(features, prompt if prompt is not None else self.build_prompt(question or ""), **kwargs)
+
+
+def _cache_kwarg(llm: Any) -> str:
+    """The KV-cache keyword of an LLM's forward: transformers 5 renamed `past_key_values` to
+    `cache` (the old name warns, and will go); 4.x knows only the old one."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    """The KV cache of an LLM output, under either name (see `_cache_kwarg`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)

@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from merv import MervError
 
@@ -35,7 +34,9 @@ def _info(obj: Any, key: str, default: Any = None) -> Any:
 
 def match_grid(x: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     """Pool an encoder's native (B, t, h, w, d) output to the cached grid of `spec` (a store may pool at extraction)."""
-    b, t, h, w, d = x.shape
+    from merv.store.grid import pool_grid_torch
+
+    _, t, h, w, d = x.shape
     if (t, h, w) == spec.grid:
         return x
     if t != spec.grid[0] or d != spec.dim:
@@ -43,8 +44,7 @@ def match_grid(x: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
             f"encoder {spec.name!r} gives (t, d) = ({t}, {d}) but the model expects ({spec.grid[0]}, {spec.dim}); "
             "the online encoder configuration (--size, frames, layer) differs from the one the model was trained on"
         )
-    y = F.adaptive_avg_pool2d(x.reshape(b * t, h, w, d).permute(0, 3, 1, 2), spec.grid[1:])
-    return y.permute(0, 2, 3, 1).reshape(b, *spec.grid, d)
+    return pool_grid_torch(x, spec.grid[1:])
 
 
 def encode_clip(
@@ -55,24 +55,33 @@ def encode_clip(
     is_image: bool = False,
     frames: Callable[[str, Any], int] | None = None,
     device: str | torch.device | None = None,
+    stored_as: dict[str, tuple[str, int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One decoded clip -> {name: (1, t, h, w, d)} exactly as extraction caches it.
 
     The single place that applies extraction's rules online: each encoder gets its own frame
     count from `frames_for(n)`; frame-wise encoders see an image's single frame, broadcast to t
-    frames as the reader does; outputs are pooled to the spec's grid and rounded to float16 like
-    the store. Generation (`OnlineEncoders`) and `merv train --online` (`OnlineFeatureFn`) both
-    call it, so the model sees the numbers it would read from the cache.
+    frames as the reader does; outputs are pooled to the spec's grid and given the store's
+    encoding (`stored_as`: name -> (encoding, bitround keepbits); float16 by default). Generation
+    (`OnlineEncoders`) and `merv train --online` (`OnlineFeatureFn`) both call it, so the model
+    sees the numbers it would read from the cache (the rules themselves live in merv.store.grid
+    and merv.store.encodings, shared with the extraction worker and the reader).
     """
+    from merv.store.encodings import as_stored
+    from merv.store.grid import broadcast_frames, frames_to_encode
+
     out: dict[str, torch.Tensor] = {}
     for spec in specs:
         enc = encoders[spec.name]
-        n = 1 if (is_image and _info(enc, "framewise", False)) else (frames(spec.name, enc) if frames else int(_info(enc, "frames")))
+        count = frames(spec.name, enc) if frames else int(_info(enc, "frames"))
+        n = frames_to_encode(count, bool(_info(enc, "framewise", False)), is_image)
         clip = torch.as_tensor(np.ascontiguousarray(np.asarray(frames_for(n))))[None]
         x = torch.as_tensor(enc.encode(clip)).float()
-        if x.shape[1] != spec.grid[0] and x.shape[1] == 1:  # an image's single frame, broadcast as the store does
-            x = x.expand(-1, spec.grid[0], -1, -1, -1)
-        out[spec.name] = match_grid(x, spec).to(torch.float16).float().to(device or "cpu")
+        if x.shape[1] == 1 != spec.grid[0]:  # an image's single frame, broadcast as the reader does
+            x = broadcast_frames(x, spec.grid[0], axis=1)
+        encoding, keepbits = (stored_as or {}).get(spec.name, ("fp16", 7))
+        cached = as_stored(match_grid(x, spec).cpu().numpy(), encoding, keepbits)  # what the reader would return
+        out[spec.name] = torch.from_numpy(cached).float().to(device or "cpu")
     return out
 
 
@@ -169,7 +178,7 @@ class OnlineFeatureFn:
 
     Sources and clip windows come from the store's sample table, and the encoders must carry the
     same fingerprints as the store's groups, so online and cached training see the same numbers
-    (`encode_clip` applies extraction's frame rules, pooling and float16 rounding). Every sample
+    (`encode_clip` applies extraction's frame rules, pooling and the store's encoding). Every sample
     is decoded at the store's frame count. Built lazily per process (DataLoader workers included).
     """
 
@@ -218,7 +227,8 @@ class OnlineFeatureFn:
             with local_file(record.source) as path:
                 clip = load_clip(path, decoded[int(stores[pos])], start=record.start, end=record.end,
                                  end_frame=record.end_frame)
-            one = encode_clip(clip.frames_for, encoders, specs, is_image=clip.is_image)
+            stored_as = {n: (g.spec.encoding, g.spec.bitround_keepbits) for n, g in reader.groups.items()}
+            one = encode_clip(clip.frames_for, encoders, specs, is_image=clip.is_image, stored_as=stored_as)
             for name, x in one.items():
                 feats[name][int(pos)] = x[0].to(dtype)
         return feats, has_visual

@@ -1,4 +1,5 @@
-"""Optimiser and learning-rate schedule of the paper's recipes (AdamW, warmup ratio, cosine)."""
+"""Optimiser and learning-rate schedule of the paper's recipes (AdamW, warmup ratio, cosine); their
+hyper-parameters and defaults are `OptimConfig` / `ScheduleConfig` (merv.train.config)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch.nn as nn
 from transformers import get_cosine_schedule_with_warmup
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
     """AdamW; weight decay only on matrices (not on biases, norms, or learned scalars / queries)."""
     decay, no_decay = [], []
     for _name, p in model.named_parameters():

@@ -5,17 +5,16 @@ micro-batches (see merv.train.loader). The loss of a step is the sum of token lo
 whole global batch divided by its number of answer tokens (all-reduced before the backward), so
 a step is the same computation for any world size and any split into micro-batches.
 
-Resume (`--resume`, `--resume-auto`) continues from the newest verified checkpoint (see
-merv.train.checkpoint) only when the resolved configuration matches the checkpoint's, as classified
-by `CONFIG_KEY_CLASSES`. SIGTERM / SIGINT stop the run at the next step boundary, agreed by every
-rank, after a checkpoint when `checkpoint_every` is set.
+A run is one `RunConfig` (merv.train.config), written as `config.yaml` into its run directory:
+`merv train --config RUN/config.yaml` reruns it. Resume (`--resume`, `--resume-auto`) continues from
+the newest verified checkpoint (see merv.train.resume) only when the resolved configuration
+matches the checkpoint's, as classified by `CONFIG_KEY_CLASSES`. SIGTERM / SIGINT stop the run at
+the next step boundary, agreed by every rank, after a checkpoint when `checkpoint.every` is set.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -30,7 +29,12 @@ import torch.distributed as dist
 
 from merv import MervError
 
-from .checkpoint import (
+from .config import RunConfig
+from .configurable import ConfigError, dump_config
+from .distributed import DistEnv, all_reduce_sum, init_distributed, shutdown_distributed
+from .fsdp import shard_model
+from .metrics import MetricsLogger
+from .resume import (
     HARMLESS,
     ResumeError,
     config_changes,
@@ -40,13 +44,9 @@ from .checkpoint import (
     save_checkpoint,
     select_checkpoint,
 )
-from .distributed import DistEnv, all_reduce_sum, init_distributed
-from .fsdp import shard_model
-from .metrics import MetricsLogger
-from .schedule import build_optimizer, build_scheduler
 
 
-class TrainConfigError(MervError, ValueError):
+class TrainConfigError(ConfigError):
     """A training configuration that cannot work; the message names the option and the fix."""
 
 
@@ -58,184 +58,37 @@ class TrainingStopped(MervError):
         self.exit_code = exit_code
 
 
-RESUME_MODES = {False: "no", True: "must", "no": "no", "must": "must", "auto": "auto"}
+RESUME_MODES = {False: "no", True: "must", "auto": "auto"}
+CONFIG_FILE = "config.yaml"  # in the run directory: the resolved RunConfig (`merv train --config` reruns it)
+CONFIG_CHANGES = "config_changes.json"  # in the run directory: the accepted config changes, by step
 
 # How `--resume` treats a difference between the checkpoint's resolved config and the new one, by
 # dotted key (fnmatch patterns). Every class but "harmless" is refused without --allow-config-change,
-# and so is a key no pattern matches. Re-point this table when the config's keys change.
+# and so is a key no pattern matches. `derived.*` are values the run derived from the config, the
+# data and the machine (see `_derived`). Re-point this table when the config's keys change.
 CONFIG_KEY_CLASSES: dict[str, tuple[str, ...]] = {
-    "model": ("recipe", "stage", "encoders", "projector", "tokens_per_frame", "fusion", "llm", "init_from",
-              "pool_at_load", "connector.*"),
-    "data order": ("data", "stores", "join_key", "allow_missing", "online", "seed", "global_batch_size", "max_length",
-                   "buffer_shards", "num_examples"),
-    "optimisation": ("lr", "warmup_ratio", "weight_decay", "max_grad_norm", "lr_schedule", "epochs", "max_steps",
-                     "total_steps"),
-    HARMLESS: ("out_dir", "resume", "allow_config_change", "checkpoint_every", "export", "num_workers",
-               "prefetch_factor", "device", "activation_checkpointing", "micro_batch_size", "world_size", "tensorboard",
-               "progress"),
+    "model": ("recipe", "stage", "model.encoders", "model.connector.*", "model.llm.name", "model.llm.prompt_format",
+              "model.encoder_size", "model.encoder_weights", "model.init_from", "derived.pool_at_load"),
+    "data order": ("data.files", "data.stores", "data.join_key", "data.allow_missing", "data.online", "seed",
+                   "loader.global_batch_size", "loader.buffer_shards", "model.llm.max_length", "derived.num_examples"),
+    "optimisation": ("optim.lr", "optim.weight_decay", "optim.max_grad_norm", "optim.betas", "schedule.warmup_ratio",
+                     "schedule.epochs", "schedule.max_steps", "derived.total_steps"),
+    HARMLESS: ("checkpoint.out_dir", "checkpoint.every", "checkpoint.resume", "checkpoint.allow_config_change",
+               "checkpoint.export", "loader.micro_batch_size", "loader.num_workers", "loader.prefetch_factor",
+               "data.pool_at_load", "parallel.device", "parallel.activation_checkpointing", "parallel.nproc",
+               "logging.tensorboard", "logging.progress", "derived.world_size", "derived.activation_checkpointing"),
 }
-CONFIG_CHANGES = "config_changes.json"  # in the run directory: the accepted config changes, by step
 
 
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved as `config.json` in the run directory."""
-
-    data: list[str] = field(default_factory=list)  # instruction JSON / JSONL files
-    stores: list[str] = field(default_factory=list)  # one per data file, or one for all
-    recipe: str = "tiny"
-    stage: str | None = None  # which stage of the recipe (default: its last)
-    out_dir: str = "runs/train"
-    encoders: list[str] | None = None  # encoder subset (default: the recipe's)
-    projector: str | None = None
-    tokens_per_frame: int | None = None
-    fusion: str | None = None
-    llm: str | None = None
-    init_from: str | None = None  # a `merv train` export to start from (stage chaining)
-    global_batch_size: int | None = None
-    micro_batch_size: int | None = None
-    lr: float | None = None
-    warmup_ratio: float | None = None
-    weight_decay: float | None = None
-    max_grad_norm: float | None = None
-    epochs: int | None = None
-    max_steps: int | None = None
-    max_length: int | None = None
-    seed: int = 0
-    checkpoint_every: int = 0  # steps; 0 = only at the end
-    resume: bool | str = False  # True: must resume (refuse if nothing usable); "auto": or start fresh if no checkpoint
-    allow_config_change: bool = False  # resume even if model / data order / optimisation settings changed (recorded)
-    export: bool = True
-    online: bool = False
-    num_workers: int = 0
-    prefetch_factor: int = 2
-    buffer_shards: int = 4
-    activation_checkpointing: bool | None = None  # default: on for GPUs
-    device: str = "auto"
-    allow_missing: bool = False
-    join_key: str = "id"
-    pool_at_load: bool | None = None  # default: when the projector starts with 2D average pooling
-    tensorboard: bool = True
-    progress: bool = True
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+def _derived(config: RunConfig, *, num_examples: int, total_steps: int, world_size: int,
+             activation_checkpointing: bool) -> dict[str, Any]:
+    """What the run made of its config on this data and machine: recorded next to the config in
+    every checkpoint, so a resume also compares what "auto" settings came to."""
+    return {"pool_at_load": config.data.pools_at_load(config.model), "num_examples": num_examples,
+            "total_steps": total_steps, "world_size": world_size, "activation_checkpointing": activation_checkpointing}
 
 
-@dataclass
-class Resolved:
-    """The config with the recipe's values filled in, plus the objects built from it."""
-
-    recipe: Any
-    stage: Any
-    connector: Any
-    global_batch: int
-    micro_batch: int
-    accum: int
-    lr: float
-    warmup_ratio: float
-    weight_decay: float
-    max_grad_norm: float
-    epochs: int
-    max_length: int
-
-
-def resolve(config: TrainConfig, world_size: int) -> Resolved:
-    from merv.pipelines.recipes import get_recipe
-
-    try:
-        recipe = get_recipe(config.recipe)
-    except KeyError as exc:
-        raise TrainConfigError(str(exc.args[0])) from exc
-    stages = {s.stage: s for s in recipe.stages}
-    if config.stage is None:
-        stage = recipe.stages[-1]
-    elif config.stage in stages:
-        stage = stages[config.stage]
-    else:
-        raise TrainConfigError(f"--stage {config.stage!r}: recipe {recipe.name!r} has stages {list(stages)}")
-    changes = {k: v for k, v in (("projector", config.projector), ("tokens_per_frame", config.tokens_per_frame),
-                                 ("fusion", config.fusion)) if v is not None}
-    if config.tokens_per_frame is not None:
-        side = math.isqrt(config.tokens_per_frame)
-        if side * side != config.tokens_per_frame:
-            raise TrainConfigError(f"--tokens-per-frame {config.tokens_per_frame} is not a square (1, 4, 16, 64, 100, 144, 256)")
-    try:
-        connector = recipe.connector.with_(**changes)
-    except ValueError as exc:
-        raise TrainConfigError(str(exc)) from exc
-    global_batch = config.global_batch_size or stage.global_batch_size
-    micro = config.micro_batch_size or stage.per_device_batch_size
-    per_rank = math.ceil(global_batch / world_size)
-    micro = min(micro, per_rank)
-    if per_rank % micro:
-        raise TrainConfigError(
-            f"global batch {global_batch} over {world_size} rank(s) is {per_rank} per rank, which micro-batches of "
-            f"{micro} do not divide; choose --micro-batch-size dividing {per_rank}"
-        )
-    return Resolved(
-        recipe=recipe, stage=stage, connector=connector, global_batch=global_batch, micro_batch=micro,
-        accum=per_rank // micro, lr=config.lr if config.lr is not None else stage.learning_rate,
-        warmup_ratio=config.warmup_ratio if config.warmup_ratio is not None else stage.warmup_ratio,
-        weight_decay=config.weight_decay if config.weight_decay is not None else stage.weight_decay,
-        max_grad_norm=config.max_grad_norm if config.max_grad_norm is not None else stage.max_grad_norm,
-        epochs=config.epochs or stage.epochs, max_length=config.max_length or recipe.llm_max_length,
-    )
-
-
-def _pool_at_load(config: TrainConfig, res: Resolved) -> bool:
-    """Pool features to the projector's grid while loading (default: avg2d from the store)."""
-    if config.pool_at_load is not None:
-        return config.pool_at_load
-    return res.connector.projector == "avg2d" and not config.online
-
-
-def _abs(path: str | None) -> str | None:
-    """A local path made absolute (a moved working directory is no config change); URLs unchanged."""
-    return path if path is None or "://" in path else str(Path(path).resolve())
-
-
-def resolved_config(config: TrainConfig, res: Resolved, *, num_examples: int, total_steps: int, world_size: int,
-                    activation_checkpointing: bool) -> dict[str, Any]:
-    """The config with every default filled in: what a checkpoint records and a resume compares."""
-    out = config.to_json()
-    out.update(
-        stage=res.stage.stage, encoders=list(config.encoders or res.recipe.encoders), llm=config.llm or res.recipe.llm,
-        projector=res.connector.projector, tokens_per_frame=res.connector.tokens_per_frame,
-        fusion=res.connector.fusion, connector=res.connector.to_dict(), pool_at_load=_pool_at_load(config, res),
-        data=[_abs(d) for d in config.data], stores=[_abs(s) for s in config.stores], init_from=_abs(config.init_from),
-        global_batch_size=res.global_batch, micro_batch_size=res.micro_batch, max_length=res.max_length,
-        lr=res.lr, warmup_ratio=res.warmup_ratio, weight_decay=res.weight_decay, max_grad_norm=res.max_grad_norm,
-        epochs=res.epochs, lr_schedule=res.stage.lr_schedule, total_steps=total_steps, num_examples=num_examples,
-        world_size=world_size, activation_checkpointing=activation_checkpointing,
-    )
-    return out
-
-
-def build_data(config: TrainConfig, res: Resolved) -> Any:
-    """Instruction data joined to the store(s), with the encoder subset and load-time pooling."""
-    from .data import DataSource, InstructionData
-
-    if not config.data:
-        raise TrainConfigError("no instruction data: pass --data FILE.json (LLaVA / Video-LLaVA conversation format)")
-    if config.stores and len(config.stores) not in (1, len(config.data)):
-        raise TrainConfigError(f"{len(config.stores)} --store for {len(config.data)} --data: give one store, or one per data file")
-    stores = config.stores * len(config.data) if len(config.stores) == 1 else (config.stores or [None] * len(config.data))
-    sources = [DataSource([d], s, key=config.join_key) for d, s in zip(config.data, stores)]
-    encoders = config.encoders or list(res.recipe.encoders)
-    pool_to = None
-    if _pool_at_load(config, res) and res.connector.projector not in ("all_tokens", "cls"):
-        side = math.isqrt(res.connector.tokens_per_frame)
-        pool_to = (side, side)
-    data = InstructionData.build(sources, encoders=encoders, pool_to=pool_to, allow_missing=config.allow_missing)
-    return data
-
-
-def feature_specs(data: Any, order: list[str]) -> list[Any]:
+def feature_specs(data: Any, order: list[str] | tuple[str, ...]) -> list[Any]:
     """Connector specs in the requested encoder order (the fusion / checkpoint order)."""
     from .specs import FeatureSpec
 
@@ -247,27 +100,6 @@ def feature_specs(data: Any, order: list[str]) -> list[Any]:
         shape = data.feature_shapes[name]
         specs.append(FeatureSpec(spec.name, tuple(shape[:3]), int(shape[3]), spec.has_cls))
     return specs
-
-
-def build_model(config: TrainConfig, res: Resolved, specs: list[Any], env: DistEnv) -> Any:
-    from .checkpoint_io import load_merv
-
-    if config.init_from:
-        model = load_merv(config.init_from, dtype=torch.float32)
-        have = {s.name: s for s in model.connector.specs}
-        if [s.name for s in specs] != [s.name for s in model.connector.specs] or any(
-                have[s.name].grid != s.grid or have[s.name].dim != s.dim for s in specs):
-            raise TrainConfigError(f"--init-from {config.init_from}: its encoders {list(have)} / grids differ from the data's")
-    else:
-        recipe = res.recipe if config.llm is None else dataclasses.replace(res.recipe, llm=config.llm)
-        dtype = torch.float32  # master weights in fp32; FSDP's mixed precision computes in bf16 on GPU
-        try:
-            model = dataclasses.replace(recipe, connector=res.connector).build(specs, seed=config.seed, dtype=dtype)
-        except ValueError as exc:
-            raise TrainConfigError(str(exc)) from exc
-    model.set_stage(res.stage.stage)
-    model.train()
-    return model
 
 
 def _tokenizer_fn(model: Any, max_length: int) -> Any:
@@ -291,91 +123,103 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return out
 
 
-def train(config: TrainConfig, feature_fn: Any = None) -> dict[str, Any]:
+def train(config: RunConfig, feature_fn: Any = None) -> dict[str, Any]:
     """Run (or resume) one training stage; returns a summary. Every rank calls it.
 
     `feature_fn` replaces the store reads (`InstructionData.feature_fn`): benchmarks feed features
-    held in memory through it; `config.online` installs the decode + encode one."""
-    if feature_fn is not None and config.online:  # before any set-up: nothing to undo
+    held in memory through it; `config.data.online` installs the decode + encode one."""
+    if feature_fn is not None and config.data.online:  # before any set-up: nothing to undo
         raise TrainConfigError("--online and a custom feature_fn both replace the store reads; choose one")
-    mode = _resume_mode(config.resume)
-    env = init_distributed(config.device)
+    mode = _resume_mode(config.checkpoint.resume)
+    private_group = not dist.is_initialized()
+    env = init_distributed(config.parallel.device)
+    try:
+        return _train(config, feature_fn, env, mode)
+    finally:
+        # a group of one started here is this call's own: in-process callers (the demo, ablations,
+        # notebooks, tests) run several jobs in one process; a launcher's group stays its owner's
+        if private_group and env.world_size == 1:
+            shutdown_distributed()
+
+
+def _train(config: RunConfig, feature_fn: Any, env: DistEnv, mode: str) -> dict[str, Any]:
     torch.manual_seed(config.seed)
-    res = resolve(config, env.world_size)
-    out = Path(config.out_dir)
+    config = config.with_absolute_paths()
+    _micro, accum = config.loader.split(env.world_size)  # refuse a batch split that cannot work, first
+    out = Path(config.checkpoint.out_dir)
     ckpt_root = out / "checkpoints"
     point = select_checkpoint(ckpt_root, env, mode)  # refuse early, before anything is built or written
     _note(env, *point.notes)
-    data = build_data(config, res)
-    specs = feature_specs(data, config.encoders or list(res.recipe.encoders))
-    model = build_model(config, res, specs, env)
-    if config.online:
+    data = config.data.build(config.model)
+    specs = feature_specs(data, config.model.encoders)
+    model = config.model.build(specs, seed=config.seed, dtype=torch.float32)  # fp32 master weights (bf16 compute on GPU)
+    model.set_stage(config.stage)
+    model.train()
+    if config.data.online:
         from .online import OnlineFeatureFn
 
         # in the training process the encoders share its device (as in the reference); workers: CPU
-        device = str(env.device) if config.num_workers == 0 else "cpu"
-        data.feature_fn = OnlineFeatureFn(size=res.recipe.size, device=device, weights=res.recipe.encoder_weights)
+        device = str(env.device) if config.loader.num_workers == 0 else "cpu"
+        data.feature_fn = OnlineFeatureFn(size=config.model.encoder_size, device=device,
+                                          weights=config.model.encoder_weights)
     elif feature_fn is not None:
         data.feature_fn = feature_fn
-    from .loader import StreamingLoader
-
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    loader = StreamingLoader(
-        data, _tokenizer_fn(model, res.max_length), global_batch_size=res.global_batch, rank=env.rank,
-        world_size=env.world_size, accum=res.accum, seed=config.seed, buffer_shards=config.buffer_shards,
-        max_length=res.max_length, pad_id=pad_id, num_workers=config.num_workers,
-        prefetch_factor=config.prefetch_factor, pin_memory=env.device.type == "cuda",
+    max_length = config.model.llm.max_length
+    loader = config.loader.build(
+        data, _tokenizer_fn(model, max_length), rank=env.rank, world_size=env.world_size, seed=config.seed,
+        max_length=max_length, pad_id=pad_id, pin_memory=env.device.type == "cuda",
         feature_dtype=torch.float32 if env.device.type == "cpu" else torch.bfloat16,
     )
-    steps_per_epoch = loader.steps_per_epoch
-    total_steps = steps_per_epoch * res.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps) if config.epochs else config.max_steps
-    ac = config.activation_checkpointing if config.activation_checkpointing is not None else env.device.type == "cuda"
-    resolved = resolved_config(config, res, num_examples=len(data), total_steps=total_steps,
-                               world_size=env.world_size, activation_checkpointing=ac)
+    total_steps = config.schedule.total_steps(loader.steps_per_epoch)
+    ac = config.parallel.activation_checkpointing
+    ac = env.device.type == "cuda" if ac is None else ac
+    resolved = {**config.to_dict(), "derived": _derived(config, num_examples=len(data), total_steps=total_steps,
+                                                         world_size=env.world_size, activation_checkpointing=ac)}
     model = shard_model(model, env, activation_checkpointing=ac)
-    optimizer = build_optimizer(model, res.lr, res.weight_decay)
-    scheduler = build_scheduler(optimizer, total_steps, res.warmup_ratio)
-    run = _Run(config, res, env, ckpt_root, resolved)
+    optimizer = config.optim.build(model)
+    scheduler = config.schedule.build(optimizer, total_steps)
+    run = _Run(config, accum, env, ckpt_root, resolved)
     step = 0
     if point.path is not None:
         step = _resume(run, point.path, model, optimizer, scheduler, loader)
         run.resumed_from = point.path
-    if env.is_main:  # only now: config.json describes what is trained from here on
+    if env.is_main:  # only now: config.yaml describes what is trained from here on
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_json(), indent=1))
+        dump_config(config, out / CONFIG_FILE)
         if run.history:
             (out / CONFIG_CHANGES).write_text(json.dumps(run.history, indent=1))
-    logger = MetricsLogger(out, enabled=env.is_main, tensorboard=config.tensorboard, start_step=step)
+    logger = MetricsLogger(out, enabled=env.is_main, tensorboard=config.logging.tensorboard, start_step=step)
     try:
         summary = _loop(run, model, optimizer, scheduler, loader, logger, step, total_steps)
     finally:
         logger.close()
-    if config.export:
+    if config.checkpoint.export:
         export_dir = out / "export"
         full = full_model_state(model)
         if env.is_main:
-            from .checkpoint_io import save_merv
+            from .export import save_merv
 
-            save_merv(model, export_dir, state_dict=full, save_llm=res.stage.stage != "align" or config.init_from is not None,
-                      extra={"recipe": res.recipe.name, "stage": res.stage.stage, "steps": summary["steps"]})
+            save_merv(model, export_dir, state_dict=full,
+                      save_llm=config.stage != "align" or config.model.init_from is not None,
+                      extra={"recipe": config.recipe, "stage": config.stage, "steps": summary["steps"],
+                             "encoder_size": config.model.encoder_size,
+                             "encoder_weights": config.model.encoder_weights})
         if dist.is_initialized():
             dist.barrier()
         summary["export"] = str(export_dir)
     return summary
 
 
-
 @dataclass
 class _Run:
     """What the loop, the saves and the resume share."""
 
-    config: TrainConfig
-    res: Resolved
+    config: RunConfig
+    accum: int  # micro-batches per rank and step
     env: DistEnv
     ckpt_root: Path
-    resolved: dict[str, Any]
+    resolved: dict[str, Any]  # the config plus what it came to (`derived`): what checkpoints record
     history: list[dict[str, Any]] = field(default_factory=list)  # accepted config changes, by step
     resumed_from: Path | None = None
 
@@ -384,7 +228,7 @@ def _resume_mode(resume: bool | str) -> str:
     try:
         return RESUME_MODES[resume]
     except (KeyError, TypeError):
-        raise TrainConfigError(f"resume={resume!r}: use False, True (must resume) or 'auto'") from None
+        raise TrainConfigError(f"checkpoint.resume={resume!r}: use false, true (must resume) or auto") from None
 
 
 def _note(env: DistEnv, *lines: str) -> None:
@@ -399,7 +243,7 @@ def _resume(run: _Run, path: Path, model: Any, optimizer: Any, scheduler: Any, l
     state = read_trainer_state(path)
     changes = config_changes(state.get("resolved_config", {}), run.resolved, CONFIG_KEY_CLASSES)
     listed = "; ".join(c.describe() for c in changes)
-    if changes and not run.config.allow_config_change:
+    if changes and not run.config.checkpoint.allow_config_change:
         raise ResumeError(f"cannot resume from {path}: the configuration differs from the checkpoint's: {listed}. "
                           "Resume with the checkpoint's settings, or pass --allow-config-change to continue with the new "
                           "ones (the change is recorded in the run)")
@@ -418,7 +262,7 @@ def _resume(run: _Run, path: Path, model: Any, optimizer: Any, scheduler: Any, l
         changed = {c.key: {"kind": c.kind, "old": c.old, "new": c.new} for c in changes}
         run.history.append({"step": step, "changes": changed})
         _note(run.env, f"resuming {path} with a changed configuration (--allow-config-change), recorded in "
-                       f"{Path(run.config.out_dir) / CONFIG_CHANGES}: {listed}")
+                       f"{Path(run.config.checkpoint.out_dir) / CONFIG_CHANGES}: {listed}")
     _note(run.env, f"resumed from {path} (step {step})")
     return step
 
@@ -502,7 +346,7 @@ def _stopped(run: _Run, signum: int, step: int, total_steps: int, saved: Path | 
     if saved_now:
         where = f"checkpoint {saved} written"
     elif saved is not None:
-        where = f"no new checkpoint (--checkpoint-every is {run.config.checkpoint_every}); the newest is {saved}"
+        where = f"no new checkpoint (--checkpoint-every is {run.config.checkpoint.every}); the newest is {saved}"
     else:
         where = "no checkpoint written (--checkpoint-every is 0), so a rerun starts from step 0"
     how = "continue with the same command plus --resume" if saved is not None else "rerun the command"
@@ -513,12 +357,13 @@ def _loop(run: _Run, model: Any, optimizer: Any, scheduler: Any, loader: Any, lo
           total_steps: int) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    config, res, env = run.config, run.res, run.env
+    config, env = run.config, run.env
     params = [p for p in model.parameters() if p.requires_grad]
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeRemainingColumn(), disable=not (env.is_main and config.progress))
+                        TimeRemainingColumn(), disable=not (env.is_main and config.logging.progress))
     losses: list[float] = []
-    stream = _steps(loader, res.accum)
+    every = config.checkpoint.every
+    stream = _steps(loader, run.accum)
     start_step = step
     saved, saved_step = run.resumed_from, (step if run.resumed_from else None)
     t_start = time.perf_counter()
@@ -532,8 +377,9 @@ def _loop(run: _Run, model: Any, optimizer: Any, scheduler: Any, loader: Any, lo
             n_tokens = all_reduce_sum(tokens_local, env.device).item()
             if n_tokens == 0:
                 raise TrainConfigError(
-                    f"step {step + 1}: the global batch has no answer tokens: --max-length {res.max_length} truncated "
-                    f"every conversation in it before its answer (data: {', '.join(config.data)}); raise --max-length "
+                    f"step {step + 1}: the global batch has no answer tokens: --max-length {config.model.llm.max_length} "
+                    f"truncated every conversation in it before its answer (data: {', '.join(config.data.files)}); "
+                    "raise --max-length (model.llm.max_length) "
                     "or shorten those conversations")
             loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
             seq_tokens = 0
@@ -547,7 +393,7 @@ def _loop(run: _Run, model: Any, optimizer: Any, scheduler: Any, loader: Any, lo
                 (out.loss * (env.world_size / n_tokens)).backward()
                 loss_sum += out.loss.detach().double()
                 seq_tokens += int(out.attention_mask.sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, res.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.max_grad_norm)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             optimizer.step()
@@ -566,8 +412,8 @@ def _loop(run: _Run, model: Any, optimizer: Any, scheduler: Any, loader: Any, lo
                               "epoch": micro[0]["epoch"], "ids_rank0": ids})
             progress.update(task, advance=1, info=f"loss {loss:.4f} lr {lr:.2e} {samples / dt:.1f} samples/s")
             signum = stop.agreed()
-            periodic = config.checkpoint_every and step % config.checkpoint_every == 0
-            if step < total_steps and (periodic or (signum and config.checkpoint_every)):
+            periodic = every and step % every == 0
+            if step < total_steps and (periodic or (signum and every)):
                 saved, saved_step = _save(run, step, model, optimizer, scheduler, loader), step
             if signum and step < total_steps:
                 raise _stopped(run, signum, step, total_steps, saved, saved_step == step)
@@ -581,8 +427,8 @@ def _loop(run: _Run, model: Any, optimizer: Any, scheduler: Any, loader: Any, lo
 
 
 def _save(run: _Run, step: int, model: Any, optimizer: Any, scheduler: Any, loader: Any) -> Path:
-    state = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "config": run.config.to_json(),
-             "resolved_config": run.resolved, "config_changes": run.history}
+    state = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "resolved_config": run.resolved,
+             "config_changes": run.history}
     return save_checkpoint(run.ckpt_root, step, model, optimizer, state, run.env)
 
 
@@ -602,14 +448,17 @@ def _steps(loader: Any, accum: int) -> Any:
 STOP_REPORT_ENV = "MERV_TRAIN_STOP_REPORT"  # set by `merv train --nproc`: where rank 0 reports a graceful stop
 
 
-def main_from_json(path: str) -> int:  # pragma: no cover - used by torchrun launches
-    """torchrun entry: a MervError becomes one line (no traceback) and an exit status.
+def main(path: str) -> int:  # pragma: no cover - used by torchrun launches
+    """torchrun entry on a config file (YAML / JSON; a partial one starts from the recipe it names):
+    a MervError becomes one line (no traceback) and an exit status.
 
     Under `merv train --nproc` a graceful stop is reported through the STOP_REPORT_ENV file and the
     workers exit 0, so torchrun does not print a failure report; the launcher prints the line."""
+    from .recipes import load_run_config
+
     rank = int(os.environ.get("RANK", "0"))
     try:
-        train(TrainConfig.from_json(json.loads(Path(path).read_text())))
+        train(load_run_config(file=path))
     except TrainingStopped as exc:
         report = os.environ.get(STOP_REPORT_ENV)
         if report and rank == 0:
@@ -627,7 +476,7 @@ def main_from_json(path: str) -> int:  # pragma: no cover - used by torchrun lau
 
 
 if __name__ == "__main__":  # pragma: no cover
-    code = main_from_json(sys.argv[1])
+    code = main(sys.argv[1])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

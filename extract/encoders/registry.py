@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
+from merv.store.paper import PAPER_ENCODER_NAMES
+from merv.store.paper import PAPER_ENCODERS as PAPER
+
 from .base import FrozenEncoder
-from .languagebind import MODEL_ID as LANGUAGEBIND_ID
 from .languagebind import build_languagebind
 from .timm_vit import DINOV2, SIGLIP, build_timm_encoder
-from .vivit import MODEL_ID as VIVIT_ID
 from .vivit import build_vivit
 
 SIZES = ("paper", "small", "tiny")
@@ -28,25 +29,19 @@ class EncoderEntry:
     summary: str
 
 
-ENCODERS: dict[str, EncoderEntry] = {
-    "dinov2": EncoderEntry(
-        "dinov2", DINOV2.model_id, 16, partial(build_timm_encoder, DINOV2),
-        "spatial expert; per frame; penultimate block; patch tokens (16x16, d=1024)",
-    ),
-    "siglip": EncoderEntry(
-        "siglip", SIGLIP.model_id, 16, partial(build_timm_encoder, SIGLIP),
-        "image-language expert; per frame; penultimate block (14x14, d=768)",
-    ),
-    "vivit": EncoderEntry(
-        "vivit", VIVIT_ID, 32, build_vivit,
-        "temporal expert; 32 frames -> 16 tubelets; last hidden state without CLS (16x14x14, d=768)",
-    ),
-    "languagebind": EncoderEntry(
-        "languagebind", LANGUAGEBIND_ID, 16, build_languagebind,
-        "video-language expert; 2 x 8-frame clips; penultimate layer without CLS (16x16x16, d=1024)",
-    ),
+_SUMMARIES = {  # model ids and frame counts come from the one table, merv.store.paper
+    "dinov2": (partial(build_timm_encoder, DINOV2),
+               "spatial expert; per frame; penultimate block; patch tokens (16x16, d=1024)"),
+    "siglip": (partial(build_timm_encoder, SIGLIP),
+               "image-language expert; per frame; penultimate block (14x14, d=768)"),
+    "vivit": (build_vivit, "temporal expert; 32 frames -> 16 tubelets; last hidden state without CLS (16x14x14, d=768)"),
+    "languagebind": (build_languagebind,
+                     "video-language expert; 2 x 8-frame clips; penultimate layer without CLS (16x16x16, d=1024)"),
 }
-PAPER_ENCODERS = ("languagebind", "dinov2", "vivit", "siglip")  # the reference's order
+ENCODERS: dict[str, EncoderEntry] = {
+    name: EncoderEntry(name, PAPER[name].model_id, PAPER[name].frames, *_SUMMARIES[name]) for name in PAPER_ENCODER_NAMES
+}
+PAPER_ENCODERS = PAPER_ENCODER_NAMES  # the reference's order
 
 
 def build_encoder(

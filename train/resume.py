@@ -8,8 +8,9 @@ Layout of `<run>/checkpoints/step-00000012/`:
   rng/rank-<r>.safetensors
                         each rank's torch RNG states
   trainer_state.json    step, scheduler, loader position, the optimizer's non-tensor state
-                        (param groups, step counters), the config and its resolved values, the
-                        global shape of every tensor, the history of accepted config changes
+                        (param groups, step counters), the resolved run config (config.yaml's
+                        keys plus what they came to, `derived.*`), the global shape of every
+                        tensor, the history of accepted config changes
   manifest.json         written last, by rank 0, once every rank finished: every other file with
                         its size and sha256
 `<run>/checkpoints/latest` names the newest complete checkpoint; it is replaced atomically after the

@@ -34,3 +34,15 @@ def make_task(root: Path, n: int = 32, per_shard: int = 4, grid=(16, 4, 4), dim:
     data = root / "task.json"
     data.write_text(json.dumps(records))
     return str(data), str(root / "task.zarr")
+
+
+def run_config(task: tuple[str, str], out: Path | str, changes: dict | None = None, *, recipe: str = "tiny",
+               stage: str | None = None):
+    """`recipe` (default tiny) training on `task` (data, store) in `out`, without progress bar or
+    TensorBoard, with dotted `changes` (`{"schedule.max_steps": 2}`)."""
+    from merv.train.recipes import get_recipe
+
+    data, store = task
+    return get_recipe(recipe, stage).override({
+        "data.files": [data], "data.stores": [store], "checkpoint.out_dir": str(out), "logging.progress": False,
+        "logging.tensorboard": False, **(changes or {})})

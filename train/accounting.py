@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from merv.store.paper import PAPER_ENCODER_NAMES
+from merv.store.paper import PAPER_ENCODERS as PAPER_FACTS
+
 from .connector import Connector, ConnectorConfig
 from .specs import FeatureSpec
 
@@ -32,6 +35,10 @@ class ViTShape:
     layers_run: int | None = None  # blocks actually run for the feature (penultimate = layers - 1)
     temporal_frames: int = 0  # LanguageBind: each layer first attends over this many frames per token
     extra_params: int = 0  # loaded but unused for the feature (SigLIP's attention-pool head)
+    layer_scale: bool = False  # DINOv2: a learned per-channel scale on each residual branch (2 per block)
+    prefix_positions: bool = True  # position embeddings cover the prefix tokens (DINOv2-reg: patches only)
+    patch_bias: bool = True  # the patch embedding has a bias (CLIP / LanguageBind: none)
+    pre_norm: bool = False  # a LayerNorm before the blocks (CLIP / LanguageBind), besides the final one
 
     @property
     def patches(self) -> int:
@@ -43,13 +50,18 @@ class ViTShape:
         return self.patches * (self.joint_frames // self.tubelet) + self.extra_tokens
 
     def params(self) -> int:
+        """Every parameter of the module as built (checked against the meta-device builds)."""
         w, m = self.width, self.mlp
         block = 4 * w * w + 4 * w + 2 * w * m + m + w + 4 * w  # qkv+proj, mlp, two LayerNorms
-        if self.temporal_frames:
-            block += 4 * w * w + 4 * w + 2 * w  # temporal attention + its LayerNorm
-        embed = 3 * self.patch * self.patch * self.tubelet * w + w + self.tokens * w + self.extra_tokens * w
-        temporal_embed = self.temporal_frames * w
-        return self.layers * block + embed + temporal_embed + 2 * w + self.extra_params
+        if self.layer_scale:
+            block += 2 * w
+        if self.temporal_frames:  # temporal attention, its LayerNorm and its own temporal embedding, per layer
+            block += 4 * w * w + 4 * w + 2 * w + self.temporal_frames * w
+        positions = self.tokens if self.prefix_positions else self.tokens - self.extra_tokens
+        embed = 3 * self.patch * self.patch * self.tubelet * w + (w if self.patch_bias else 0)
+        embed += positions * w + self.extra_tokens * w
+        norms = (2 if self.pre_norm else 1) * 2 * w
+        return self.layers * block + embed + norms + self.extra_params
 
     def forward_flops(self, frames: int) -> int:
         """Forward FLOPs for `frames` input frames (sequences of `joint_frames`)."""
@@ -66,6 +78,8 @@ class ViTShape:
 
 @dataclass(frozen=True)
 class PaperEncoder:
+    """A paper encoder for accounting: the shared facts (merv.store.paper) plus its ViT shape."""
+
     name: str
     reference_id: str  # video_backbone_id in the reference configs
     spec: FeatureSpec  # cached grid / width (patch tokens, no CLS)
@@ -74,27 +88,18 @@ class PaperEncoder:
     source: str  # weights the extractor loads
 
 
-PAPER_ENCODERS: dict[str, PaperEncoder] = {
-    "languagebind": PaperEncoder(
-        "languagebind", "languagebind-video-noclass", FeatureSpec("languagebind", (16, 16, 16), 1024), 16,
-        ViTShape(24, 1024, 4096, 14, layers_run=23, temporal_frames=8), "LanguageBind/LanguageBind_Video_merge",
-    ),
-    "dinov2": PaperEncoder(
-        "dinov2", "dinov2-video-all-tokens", FeatureSpec("dinov2", (16, 16, 16), 1024), 16,
-        ViTShape(24, 1024, 4096, 14, extra_tokens=5, layers_run=23), "timm/vit_large_patch14_reg4_dinov2.lvd142m",
-    ),
-    "vivit": PaperEncoder(
-        "vivit", "vivit-google-b-all-no-cls-16frames", FeatureSpec("vivit", (16, 14, 14), 768), 32,
-        ViTShape(12, 768, 3072, 16, tubelet=2, joint_frames=32), "google/vivit-b-16x2-kinetics400",
-    ),
-    "siglip": PaperEncoder(
-        "siglip", "siglip-vit-b16-224px-all-no-cls", FeatureSpec("siglip", (16, 14, 14), 768), 16,
-        ViTShape(12, 768, 3072, 16, extra_tokens=0, layers_run=11, extra_params=7_087_104),
-        "timm/vit_base_patch16_siglip_224",
-    ),
+_VIT_SHAPES = {  # checked against the meta-device builds (tests/test_paper_facts.py)
+    "languagebind": ViTShape(24, 1024, 4096, 14, layers_run=23, temporal_frames=8, patch_bias=False, pre_norm=True),
+    "dinov2": ViTShape(24, 1024, 4096, 14, extra_tokens=5, layers_run=23, layer_scale=True, prefix_positions=False),
+    "vivit": ViTShape(12, 768, 3072, 16, tubelet=2, joint_frames=32),
+    "siglip": ViTShape(12, 768, 3072, 16, extra_tokens=0, layers_run=11, extra_params=7_087_104),
 }
-# The reference's encoder order (published checkpoints: projectors.0 = LanguageBind, ...).
-PAPER_ENCODER_ORDER = ("languagebind", "dinov2", "vivit", "siglip")
+PAPER_ENCODERS: dict[str, PaperEncoder] = {
+    name: PaperEncoder(name, fact.reference_id, FeatureSpec(name, fact.grid, fact.dim), fact.frames, _VIT_SHAPES[name],
+                       fact.model_id)
+    for name, fact in PAPER_FACTS.items()
+}
+PAPER_ENCODER_ORDER = PAPER_ENCODER_NAMES  # the reference's order (published checkpoints: projectors.0 = LanguageBind)
 
 
 def paper_feature_specs(names: tuple[str, ...] | list[str] = PAPER_ENCODER_ORDER) -> list[FeatureSpec]:
@@ -169,7 +174,7 @@ def model_report(
     llm_config: Any = None,
     *,
     encoders: dict[str, PaperEncoder | tuple[int, int]] | None = None,
-    seq_len: int = 2048,
+    seq_len: int,
     train_llm: bool = True,
 ) -> ModelReport:
     """Parameters per component and FLOPs per sample, without weights.

@@ -8,8 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from testkit import llm as H
 
-from merv.train.checkpoint_io import (
+from merv.train.accounting import paper_feature_specs
+from merv.train.connector import Connector, ConnectorConfig
+from merv.train.export import (
     CheckpointError,
     connector_from_reference_config,
     load_merv,
@@ -19,13 +22,8 @@ from merv.train.checkpoint_io import (
     reference_to_merv_state,
     save_merv,
 )
-from merv.train.connector import Connector, ConnectorConfig
 from merv.train.model import MervModel
-from merv.train.paper import paper_feature_specs
 from merv.train.prompts import get_prompt_builder, tokenize_conversation
-
-
-import helpers_llm as H  # noqa: E402 - the tests folder is on sys.path (conftest.py)
 
 
 def _batch(model: MervModel, tok, b: int = 2, seed: int = 0):

@@ -1,42 +1,17 @@
-"""Scoring of benchmark answers: MCQ prompts and letter extraction, normalised open-ended match,
-and an optional LLM judge (Video-ChatGPT protocol) behind any OpenAI-compatible endpoint.
+"""The LLM judge of open-ended answers (Video-ChatGPT protocol) behind any OpenAI-compatible endpoint.
 
-MCQ prompt (`format_mcq_prompt`): the reference's "naive" strategy (princetonvisualai/merv
-`scripts/eval_mcq.py`), byte for byte, including the four spaces its triple-quoted f-string puts
-before the first option::
-
-    {question} Select the correct answer from the following options. Write your answer as only one of A, B, C and nothing else.
-    <blank line>
-        A. {option 0}
-    B. {option 1}
-    ...
-
-Letter extraction (`extract_letter`): the reference scores `pred.lower()[:1] == answer_char`, which
-counts "(B)" or "The answer is B" wrong. We keep that number (`reference_correct`, the paper's
-protocol) and also extract the intended letter robustly; see `extract_letter` for the rules. An
-answer with no recoverable letter is *invalid*: it is counted wrong and recorded.
-
-Open-ended normalised match (`normalized_match`), documented rules:
-  1. normalise both sides: lowercase, drop apostrophes ("don't" -> "dont"), every other punctuation
-     mark becomes a space, drop the articles a / an / the, number words zero..ten and "none" become
-     digits, and a plural "s" is dropped from words longer than three letters (not after "ss");
-  2. an empty prediction or answer never matches;
-  3. yes / no answers: the prediction must contain the answer word and not the opposite one;
-  4. otherwise the answer's words must appear as one contiguous run inside the prediction's
-     words ("a man is cooking" matches "cooking"); a prediction that is only part of the answer
-     ("man" for "old man") does not match.
-This is a cheap, judge-free proxy; the paper's open-ended numbers use the LLM judge.
-
-LLM judge (`JudgeClient`): POST {base}/v1/chat/completions with Video-ChatGPT's system + user prompt
-(yes/no plus an integer score 0-5), parsed robustly (`parse_judge_response`). Accuracy is
+`JudgeClient` POSTs {base}/v1/chat/completions with Video-ChatGPT's system + user prompt (yes/no
+plus an integer score 0-5) and parses the reply robustly (`parse_judge_response`). Accuracy is
 yes / (yes + no) over parsed answers and the score is the mean of `int(score)`, as the reference's
-`scripts/eval_gpt.py` computes them.
+`scripts/eval_gpt.py` computes them (`judge_summary`). `JudgeConfig` is the judge's part of an
+evaluation config: the API key is read from an environment variable, never from a file.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import time
 import urllib.error
@@ -45,144 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+DEFAULT_JUDGE_MODEL = "gpt-4o-mini-2024-07-18"
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_MAX_RETRIES = 2
+DEFAULT_WORKERS = 4  # concurrent judge requests
 
-# ------------------------------------------------------------------------------------------- MCQ
-
-
-def option_letters(n: int) -> list[str]:
-    """The first n option letters (A, B, C, ...)."""
-    if not 1 <= n <= len(LETTERS):
-        raise ValueError(f"a question needs 1..{len(LETTERS)} options, got {n}")
-    return list(LETTERS[:n])
-
-
-def format_mcq_prompt(question: str, options: Sequence[str], num_option: int | None = None) -> str:
-    """The reference's MCQ message (without the prompt format's wrapping); letters up to num_option."""
-    n = len(options) if num_option is None else int(num_option)
-    letters = ", ".join(option_letters(n))
-    choices = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(options))
-    return (
-        f"{question} Select the correct answer from the following options. "
-        f"Write your answer as only one of {letters} and nothing else.\n\n    {choices}"
-    )
-
-
-def reference_correct(pred: str, answer_letter: str) -> bool:
-    """The reference's rule: the first character of the output equals the answer letter."""
-    return pred.lower()[:1] == answer_letter.lower()
-
-
-_OPEN = "\\s\\(\\[\\{\"'*"
-_CLOSE = "\\s\\)\\]\\}\"'*.:,;!"
-_BARE = re.compile(rf"[{_OPEN}]*([A-Za-z])[{_CLOSE}]*")
-_MARKER = re.compile(
-    r"\b(?:answer|option|choice)\b(?:\s+(?:is|would\s+be|should\s+be|will\s+be))?\s*[:\-=]?\s*"
-    rf"(?:option\s+|choice\s+|letter\s+)?[{_OPEN}]*([A-Za-z])(?![A-Za-z'])",
-    re.IGNORECASE,
-)
-_LEADING = re.compile(rf"[{_OPEN}]*([A-Za-z])[\)\]\.:](?=\s|$)")
-_LEADING_SPACE = re.compile(r"\s*([A-Z])\s+(.+)", re.DOTALL)
-_STANDALONE = re.compile(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])")
-
-
-def extract_letter(text: str, num_options: int, options: Sequence[str] | None = None) -> str | None:
-    """The option letter an output means, or None when it cannot be told (counted wrong).
-
-    Rules, first hit wins (letters outside A..num_options never count):
-      1. the whole output is one letter, possibly bracketed / punctuated: "B", "(b)", "C.", "[D]";
-      2. an explicit marker: "Answer: b", "The answer is (C)", "correct option is D";
-      3. a leading letter with a delimiter: "B. moving", "(C) moving", "d) ...";
-      4. with `options`: a leading capital letter followed by that option's text ("C moving");
-      5. with `options`: the output equals one option's text, or contains exactly one option's
-         text (after `normalize_answer`);
-      6. exactly one distinct standalone capital letter in range ("I think it's B"); "A" / "I"
-         followed by a lowercase word are read as the article / pronoun, not as letters.
-    """
-    valid = set(option_letters(num_options))
-    s = (text or "").strip()
-    if not s:
-        return None
-
-    def ok(letter: str) -> str | None:
-        up = letter.upper()
-        return up if up in valid else None
-
-    m = _BARE.fullmatch(s)
-    if m:
-        return ok(m.group(1))
-    m = _MARKER.search(s)
-    if m and ok(m.group(1)):
-        return ok(m.group(1))
-    m = _LEADING.match(s)
-    if m and ok(m.group(1)):
-        return ok(m.group(1))
-    if options:
-        norm_opts = [normalize_answer(o) for o in options[:num_options]]
-        m = _LEADING_SPACE.match(s)
-        if m and ok(m.group(1)):
-            i = LETTERS.index(m.group(1))
-            rest = normalize_answer(m.group(2))
-            if i < len(norm_opts) and norm_opts[i] and (rest == norm_opts[i] or rest.startswith(norm_opts[i] + " ")):
-                return m.group(1)
-        p = normalize_answer(s)
-        exact = [i for i, o in enumerate(norm_opts) if o and p == o]
-        if len(exact) == 1:
-            return LETTERS[exact[0]]
-        contained = [i for i, o in enumerate(norm_opts) if o and _contains_run(p.split(), o.split())]
-        if len(contained) == 1:
-            return LETTERS[contained[0]]
-    found = set()
-    for m in _STANDALONE.finditer(s):
-        letter = m.group(1)
-        if letter in ("A", "I") and re.match(r"\s+[a-z]", s[m.end() :]):
-            continue
-        if letter in valid:
-            found.add(letter)
-    return found.pop() if len(found) == 1 else None
-
-
-# ------------------------------------------------------------------------------------ open-ended
-
-_ARTICLES = {"a", "an", "the"}
-_NUMBERS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}
-_PUNCT = re.compile(r"[^\w\s]|_")
-
-
-def _stem(word: str) -> str:
-    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
-        return word[:-1]
-    return word
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, strip punctuation and articles, number words -> digits, light plural stemming."""
-    s = (text or "").lower().replace("'", "").replace("\u2019", "")
-    s = _PUNCT.sub(" ", s)
-    words = [_stem(_NUMBERS.get(w, w)) for w in s.split() if w not in _ARTICLES]
-    return " ".join(words)
-
-
-def _contains_run(hay: list[str], needle: list[str]) -> bool:
-    n = len(needle)
-    return n > 0 and any(hay[i : i + n] == needle for i in range(len(hay) - n + 1))
-
-
-def normalized_match(pred: str, answer: str) -> bool:
-    """Judge-free open-ended correctness (rules in the module docstring)."""
-    p, a = normalize_answer(pred).split(), normalize_answer(answer).split()
-    if not p or not a:
-        return False
-    if a in (["yes"], ["no"]):
-        other = "no" if a == ["yes"] else "yes"
-        return a[0] in p and other not in p
-    return p == a or _contains_run(p, a)
-
-
-# ------------------------------------------------------------------------------------- LLM judge
 
 JUDGE_SYSTEM_PROMPT = (
     "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for question-answer pairs. "
@@ -277,10 +119,10 @@ class JudgeClient:
     """
 
     base_url: str
-    model: str = "gpt-4o-mini-2024-07-18"
+    model: str = DEFAULT_JUDGE_MODEL
     api_key: str | None = None
-    timeout: float = 60.0
-    max_retries: int = 2
+    timeout: float = DEFAULT_TIMEOUT_S
+    max_retries: int = DEFAULT_MAX_RETRIES
     max_tokens: int = 500
     temperature: float | None = None
     retry_backoff: float = 1.0
@@ -352,3 +194,25 @@ def judge_summary(results: Sequence[JudgeResult | dict[str, Any] | None]) -> dic
         "accuracy": yes / judged if judged else None,
         "score": sum(scores) / len(scores) if scores else None,
     }
+
+
+@dataclass
+class JudgeConfig:
+    """The judge of an evaluation config (`judge.url`, `judge.model`, ...); no url = no judge.
+
+    The API key never sits in a config file: `api_key_env` names the environment variable holding it.
+    """
+
+    url: str | None = None
+    model: str = DEFAULT_JUDGE_MODEL
+    api_key_env: str = "OPENAI_API_KEY"
+    workers: int = DEFAULT_WORKERS
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_retries: int = DEFAULT_MAX_RETRIES
+
+    def build(self) -> JudgeClient | None:
+        """The client, with the key read from the environment now; None without a url."""
+        if not self.url:
+            return None
+        return JudgeClient(self.url, model=self.model, api_key=os.environ.get(self.api_key_env) or None,
+                           timeout=self.timeout_s, max_retries=self.max_retries)

@@ -184,7 +184,6 @@ def load_merv(
         if tok_dir.is_dir()
         else (load_tokenizer(source) if source else None)
     )
-    connector.to(dtype=next(llm.parameters()).dtype)
     model = MervModel(
         connector, llm, tokenizer=tokenizer, bos_token_id=cfg.get("bos_token_id"), prompt_format=cfg.get("prompt_format", "pure"), llm_source=source
     )
@@ -313,7 +312,7 @@ def load_reference_state(model: MervModel, ref: dict[str, Any] | str | os.PathLi
 
 def connector_from_reference_config(model_cfg: dict[str, Any]) -> tuple[ConnectorConfig, list[FeatureSpec]]:
     """Reference run `config.json["model"]` -> our connector config and feature specs (paper grids)."""
-    from .paper import reference_backbone_spec
+    from .accounting import reference_backbone_spec
 
     arch = model_cfg["arch_specifier"].split("+")
     head = "gelu-mlp" if model_cfg["arch_specifier"].endswith("gelu-mlp") else "linear"
@@ -391,10 +390,10 @@ def load_published_merv(
     if not str(model_cfg.get("llm_backbone_id", "")).startswith("llama2-7b"):
         raise CheckpointError(f"only LLaMA-2 7B reference checkpoints are supported, got {model_cfg.get('llm_backbone_id')!r}")
     conn_cfg, specs = connector_from_reference_config(model_cfg)
-    tokenizer = load_tokenizer(tokenizer_source, model_max_length=int(model_cfg.get("llm_max_length", 2048)))
+    tokenizer = load_tokenizer(tokenizer_source, model_max_length=model_cfg.get("llm_max_length"))
     llm = empty_llm(llm_config or llama2_7b_config(), dtype=dtype, attn_implementation=choose_attn_implementation(device))
     ensure_pad_token(llm, tokenizer)
-    connector = Connector(specs, llm.config.hidden_size, conn_cfg).to(dtype)
+    connector = Connector(specs, llm.config.hidden_size, conn_cfg)
     model = MervModel(connector, llm, tokenizer=tokenizer, prompt_format="pure", llm_source=tokenizer_source)
     load_reference_state(model, pt_path)
     if device is not None:
