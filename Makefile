@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.merv-installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast check-wheels install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 # the unit layer only (no Ray, no multi-process runs, no servers): the inner loop
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
+
+# the base install resolves to wheels on Linux x86_64 / aarch64 and macOS arm64 (needs the package index)
+check-wheels: $(STAMP)
+	$(BIN)/python tools/check_wheels.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

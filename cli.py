@@ -97,7 +97,7 @@ app.add_typer(model_app, name="model")
 # One spelling per shared option, every command.
 DEVICE_HELP = "auto (a GPU when there is one, else the CPU) | cpu | cuda | cuda:N"
 QUIET_HELP = "no progress bar"
-LIST_HELP = "repeatable, or comma-separated"
+LIST_HELP = "repeatable, or comma-separated"  # free-text values (--set, --stop) are repeatable only
 
 
 def _print_version(value: bool) -> None:
@@ -208,6 +208,8 @@ def extract_cmd(
     worker_cpus: Optional[float] = typer.Option(None, help="CPUs reserved per actor (default 1 with GPUs, 0 on CPU-only)"),
     torch_threads: Optional[int] = typer.Option(None, help="torch threads per actor (default: the CPUs it may use)"),
     device: Optional[str] = typer.Option(None, "--device", help=f"encoder device: {DEVICE_HELP}"),
+    decoder: Optional[str] = typer.Option(None, help="video decoder: auto (decord when installed, else PyAV) | pyav | "
+                                                     "decord; all give identical frames"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="redo shards that hold recorded failures"),
     samples_per_shard: Optional[int] = typer.Option(None, help="samples per shard of a new store (else ~128 MiB shards)"),
     allow_download: bool = typer.Option(False, "--allow-download", help="let missing weights be fetched from the Hub"),
@@ -233,7 +235,8 @@ def extract_cmd(
              "encoding": encoding, "ray_address": ray_address, "size": size, "workers": workers,
              "batch_size": batch_size, "inflight_per_worker": inflight, "max_inflight_bytes": max_inflight_bytes,
              "stop_grace_s": stop_grace, "decode_cpus": decode_cpus, "worker_cpus": worker_cpus,
-             "torch_threads": torch_threads, "device": device, "samples_per_shard": samples_per_shard,
+             "torch_threads": torch_threads, "device": device, "decoder": decoder,
+             "samples_per_shard": samples_per_shard,
              "retry_failed": retry_failed or None, "allow_download": allow_download or None,
              "storage_options": _json_option(storage_options, "--storage-options")}
     opts = load_extract_options(str(config) if config else None, overrides,
@@ -500,19 +503,96 @@ def _labelled(values: list[str], flag: str) -> dict[str, str]:
 def generate_cmd(
     video: str = typer.Argument(..., help="video or image file (path or fsspec URL)"),
     question: str = typer.Argument(..., help="question about it"),
-    checkpoint: str = typer.Option(..., "--checkpoint", help="export directory of `merv train`"),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="export directory of `merv train`, or a published model: "
+                                   "merv-full | merv-frozen | <encoder>-single (HF cache; --allow-download fetches it)"),
     size: Optional[str] = typer.Option(None, help="encoder size: paper | small | tiny (default: the checkpoint recipe's)"),
     weights: Optional[str] = typer.Option(None, help="directory with the encoders' weights (else the HF cache, offline)"),
-    allow_download: bool = typer.Option(False, "--allow-download", help="let missing encoder weights be fetched from the Hub"),
-    max_new_tokens: Optional[int] = typer.Option(None, help="answer length limit in tokens (default: the model's)"),
+    allow_download: bool = typer.Option(False, "--allow-download", help="let missing encoder / published model weights be fetched from the Hub"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="answer length limit in tokens (default 64)"),
+    temperature: float = typer.Option(0.0, help="0: greedy (default); > 0: sample at this temperature"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling: keep the most likely tokens up to this probability"),
+    repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeated tokens"),
+    stop: list[str] = typer.Option([], "--stop", help="stop when the answer produces this text; repeatable"),
+    seed: int = typer.Option(0, help="seed of the sampling (a sampled answer repeats with the same seed)"),
+    stream: bool = typer.Option(False, "--stream", help="print the answer as it is generated"),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ) -> None:
     """Answer a question about a raw video: online decoding + encoders + the trained model."""
     from merv.pipelines.generate import GenerateOptions, answer_video
 
+    limit = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     opts = GenerateOptions(size=size, weights=weights, allow_download=allow_download, device=device,
-                           max_new_tokens=max_new_tokens)
-    print(answer_video(checkpoint, video, question, opts))
+                           temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                           stop=tuple(stop), seed=seed, **limit)
+    if not stream:
+        print(answer_video(checkpoint, video, question, opts))
+        return
+    answer_video(checkpoint, video, question, opts, on_text=lambda piece: print(piece, end="", flush=True))
+    print()
+
+
+@app.command("serve")
+def serve_cmd(
+    checkpoint: str = typer.Argument(..., help="export directory of `merv train`, or a published model (merv-full, ...)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default; 0.0.0.0 opens it to the network)"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    model_name: Optional[str] = typer.Option(None, help="the model id clients send (default: the run's directory name)"),
+    api_key: Optional[str] = typer.Option(None, envvar="MERV_API_KEY",
+                                          help="require `Authorization: Bearer KEY` (also $MERV_API_KEY)"),
+    max_upload_mb: float = typer.Option(200.0, help="largest video / image a request may carry, in MiB"),
+    max_video_seconds: float = typer.Option(3600.0, help="longest video a request may carry"),
+    max_tokens: int = typer.Option(1024, help="the most tokens a request may ask to generate"),
+    batch_window_ms: float = typer.Option(10.0, help="how long the engine waits to batch concurrent requests"),
+    no_local_files: bool = typer.Option(False, "--no-local-files",
+                                        help="refuse paths on the server in video_url / image_url (base64 only)"),
+    size: Optional[str] = typer.Option(None, help="encoder size: paper | small | tiny (default: the checkpoint recipe's)"),
+    weights: Optional[str] = typer.Option(None, help="directory with the encoders' weights (else the HF cache, offline)"),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+) -> None:
+    """Serve a model over the OpenAI chat-completions API (images and videos in the messages)."""
+    from merv.pipelines.generate import GenerateOptions
+    from merv.serve import ServeConfig, serve
+
+    config = ServeConfig(host=host, port=port, model_name=model_name, api_key=api_key,
+                         max_upload_bytes=int(max_upload_mb * 2**20), max_video_seconds=max_video_seconds,
+                         max_tokens=max_tokens, allow_local_files=not no_local_files, batch_window_ms=batch_window_ms)
+    err_console.print(f"serving {checkpoint} on http://{host}:{port}/v1 (Ctrl-C stops)", highlight=False)
+    serve(checkpoint, config, GenerateOptions(size=size, weights=weights, device=device))
+
+
+@app.command("convert")
+def convert_cmd(
+    source: str = typer.Argument(..., help="an export in the earlier layout (merv_config.json, connector.safetensors, llm/)"),
+    out: str = typer.Argument(..., help="new directory for the Hugging Face-native export"),
+) -> None:
+    """Rewrite an earlier-layout export as a Hugging Face-native model directory (weights unchanged)."""
+    from merv.train.export import convert_export
+
+    console.print(f"wrote {convert_export(source, out)}")
+
+
+@app.command("convert-reference")
+def convert_reference_cmd(
+    source: str = typer.Argument(..., help="published checkpoint name (merv-frozen, merv-full, ...: from the HF "
+                                           "cache, offline) or a reference run directory"),
+    out: str = typer.Argument(..., help="new directory for the Hugging Face-native export"),
+    tokenizer: str = typer.Option("llama2-7b-pure", help="the LLM's tokenizer: registry id or local directory"),
+    dtype: str = typer.Option("bfloat16", help="weight dtype of the export: bfloat16 | float16 | float32"),
+    llm_config: Optional[Path] = typer.Option(None, help="the LLM's config.json when it is not LLaMA-2 7B"),
+) -> None:
+    """Convert the published MERV weights (reference layout) into a Hugging Face-native export."""
+    import torch
+    from transformers import AutoConfig
+
+    from merv.train.export import convert_reference
+
+    if dtype not in ("bfloat16", "float16", "float32"):
+        _fail(f"--dtype {dtype!r}: use bfloat16, float16 or float32")
+    if llm_config is not None and (llm_config.name != "config.json" or not llm_config.is_file()):
+        _fail(f"--llm-config {llm_config}: pass an existing config.json of the LLM")
+    cfg = AutoConfig.from_pretrained(str(llm_config.parent), local_files_only=True) if llm_config else None
+    path = convert_reference(source, out, tokenizer_source=tokenizer, dtype=getattr(torch, dtype), llm_config=cfg)
+    console.print(f"wrote {path}")
 
 
 @app.command("ablate")

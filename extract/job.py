@@ -93,6 +93,7 @@ class ExtractOptions:
     max_inflight_bytes: int | str | None = None  # decoded frames alive at once ("4GiB" ok); default INFLIGHT_FRACTION of the object store
     stop_grace_s: float = 60.0  # after SIGINT / SIGTERM: how long shards with every sample decoded may finish
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec's, for URL sources, videos and the store
+    decoder: str = "auto"  # auto (decord when installed, else PyAV) | pyav | decord: identical frames, see decode_bench
 
     def __post_init__(self) -> None:
         if self.max_inflight_bytes is not None:
@@ -102,6 +103,9 @@ class ExtractOptions:
                 raise ExtractError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ExtractError(f"device {self.device!r}: use auto, cpu or cuda")
+        from .video import check_backend
+
+        check_backend(self.decoder)
 
 
 def load_extract_options(file: str | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -580,7 +584,8 @@ class _Run:
         i = shard.next_sample
         source, window = shard.sources[i]
         row = shard.job.rows[0] + i
-        meta_ref, frames_ref = self.decode.remote(source, window, row, self.frames, self.opts.storage_options or None)
+        meta_ref, frames_ref = self.decode.remote(source, window, row, self.frames, self.opts.storage_options or None,
+                                                  self.opts.decoder)
         self.waiting[meta_ref] = ("decode", shard, (frames_ref, cost, row))
         shard.next_sample += 1
         shard.decoding += 1

@@ -3,9 +3,11 @@
 Decoding follows the MERV reference (`merv/preprocessing/datasets/datasets.py::load_video`) so the
 cached features see the same frames the paper's models saw:
 
-* decord is the primary reader (the reference's); PyAV is the fallback when decord cannot open,
-  measure or seek a file (e.g. animated GIFs, some truncated or odd containers). `Clip.backend`
-  says which one produced the frames, `Clip.fallback_reason` why decord was not used.
+* decord (the reference's reader; an optional extra, `merv[decord]`: it has no wheels for Linux
+  aarch64 or macOS arm64) is used when installed, PyAV (part of the base install) otherwise and
+  whenever decord cannot open, measure or seek a file (e.g. animated GIFs, some truncated or odd
+  containers). Both return identical frames (tests, `merv.benchmarks.decode_bench`).
+  `Clip.backend` says which one produced the frames, `Clip.fallback_reason` why decord was not used.
 * Frame indices (see `window_bounds` and `sample_indices`)::
 
       first = start * fps                       (0 when no start)
@@ -40,10 +42,31 @@ import numpy as np
 from merv import MervError
 
 Backend = Literal["auto", "decord", "pyav"]
+BACKENDS: tuple[str, ...] = ("auto", "decord", "pyav")
+_MODULES = {"decord": "decord", "pyav": "av"}  # backend -> the module it needs
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 
 # --------------------------------------------------------------------------------------- errors
+class DecoderUnavailableError(MervError, ValueError):
+    """A decoder that is unknown, or not installed on this machine."""
+
+
+def installed(backend: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(_MODULES[backend]) is not None
+
+
+def check_backend(backend: str) -> None:
+    """Refuse an unknown decoder, or one whose package is missing, before any file is read."""
+    if backend not in BACKENDS:
+        raise DecoderUnavailableError(f"decoder {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if backend != "auto" and not installed(backend):
+        raise DecoderUnavailableError(f"decoder {backend!r} is not installed here: pip install 'merv[{backend}]', "
+                                      "or use --decoder pyav (part of the base install; identical frames)")
+
+
 class DecodeError(MervError):
     """A sample that cannot be decoded as asked. `path` names the file; `reason` says why."""
 
@@ -186,8 +209,9 @@ def load_clip(
     start / end: window in seconds; end_frame: last frame index (overrides start / end, as in the
     reference); both are ignored for images. min_frames: raise `TooFewFramesError` when the window
     holds fewer distinct frames; by default a short clip is repeat-padded.
-    backend: "auto" (decord, then PyAV on failure), "decord" or "pyav". With "decord" alone the
-    error classes are coarser (decord reports little about *why* a file fails).
+    backend: "auto" (decord when installed, with PyAV on failure; PyAV when decord is not
+    installed), "decord" or "pyav"; every backend returns the same frames (tests, decode_bench).
+    With "decord" alone the error classes are coarser (decord reports little about *why* a file fails).
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -197,10 +221,9 @@ def load_clip(
         return _load_image(p)
     if _is_text(p):  # refused here: decord would print its own C++ error line for it first
         raise NotAVideoError(p, "is a text file, not a video; pass a video file (mp4, mkv, webm, avi, ...) or an image")
-    if backend not in ("auto", "decord", "pyav"):
-        raise ValueError(f"backend must be auto, decord or pyav, not {backend!r}")
+    check_backend(backend)
     args = dict(num_frames=num_frames, start=start, end=end, end_frame=end_frame, min_frames=min_frames)
-    if backend == "pyav":
+    if backend == "pyav" or (backend == "auto" and not installed("decord")):
         return _load_pyav(p, **args)
     try:
         return _load_decord(p, **args)

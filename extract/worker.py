@@ -101,9 +101,10 @@ class WorkerConfig:
 
 
 def decode_sample(source: str, window: tuple[float | None, float | None, int | None], row: int,
-                  num_frames: int, storage_options: dict[str, Any] | None = None) -> Decoded:
+                  num_frames: int, storage_options: dict[str, Any] | None = None, decoder: str = "auto") -> Decoded:
     """Decode `num_frames` uniformly sampled frames of `source` (a path, a tar member or an fsspec
-    URL) within `window` (start, end, end_frame), or the reason it cannot be decoded."""
+    URL) within `window` (start, end, end_frame) with `decoder` (see `merv.extract.video.load_clip`),
+    or the reason it cannot be decoded."""
     from .sources import local_file
     from .video import load_clip
 
@@ -111,17 +112,18 @@ def decode_sample(source: str, window: tuple[float | None, float | None, int | N
     t0 = time.perf_counter()
     try:
         with local_file(source, storage_options) as path:
-            clip = load_clip(path, num_frames, start=start, end=end, end_frame=end_frame)
+            clip = load_clip(path, num_frames, start=start, end=end, end_frame=end_frame, backend=decoder)  # type: ignore[arg-type]
         return Decoded(row, clip.frames, clip.is_image, clip.backend, None, time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded with its reason, the job goes on
         return Decoded(row, None, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
 
 
 def decode_split(source: str, window: tuple[float | None, float | None, int | None], row: int,
-                 num_frames: int, storage_options: dict[str, Any] | None = None) -> tuple[Decoded, np.ndarray | None]:
+                 num_frames: int, storage_options: dict[str, Any] | None = None,
+                 decoder: str = "auto") -> tuple[Decoded, np.ndarray | None]:
     """`decode_sample` as two objects: the small description (with `nbytes`, read by the
     driver's memory budget) and the frames (passed on to an encoder actor, never to the driver)."""
-    decoded = decode_sample(source, window, row, num_frames, storage_options)
+    decoded = decode_sample(source, window, row, num_frames, storage_options, decoder)
     frames, decoded.frames = decoded.frames, None
     decoded.nbytes = 0 if frames is None else int(frames.nbytes)
     return decoded, frames

@@ -7,10 +7,8 @@ from __future__ import annotations
 import ast
 import inspect
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -228,10 +226,9 @@ def test_configurable_merges_overrides_and_round_trips():
 # ----------------------------------------------------------------------------- rerun
 
 
-def _merv_train(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MERV_DEBUG": "0"}
-    return subprocess.run([sys.executable, "-m", "merv.cli", "train", *args, "--quiet"], capture_output=True,
-                          text=True, env=env, timeout=300, check=False)
+def _merv_train(*args: str) -> Any:
+    """`merv train ... --quiet` in this process (each run starts and ends its own process group)."""
+    return CliRunner().invoke(cli.app, ["train", *args, "--quiet"])
 
 
 @pytest.mark.integration
@@ -240,12 +237,12 @@ def test_a_run_reruns_exactly_from_its_own_config_yaml(tmp_path):
     first = _merv_train("--data", data, "--store", store, "--out", str(tmp_path / "a"), "--max-steps", "2",
                         "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "5e-3", "--no-export",
                         "--set", "model.connector.fusion=concat_channel", "--set", "logging.tensorboard=false")
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.exit_code == 0, first.output[-3000:]
     written = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
     assert written["optim"]["lr"] == 5e-3 and written["model"]["connector"]["fusion"] == "concat_channel"
     assert written["data"]["files"] == [str(Path(data).resolve())]  # reruns from any directory
     again = _merv_train("--config", str(tmp_path / "a" / "config.yaml"), "--out", str(tmp_path / "b"))
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.exit_code == 0, again.output[-3000:]
     a = read_metrics(tmp_path / "a" / "metrics.jsonl")
     b = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert len(a) == len(b) == 2

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from testkit import llm as H
 
+from merv.store.paper import PAPER_ENCODERS
 from merv.train.accounting import paper_feature_specs
 from merv.train.connector import Connector, ConnectorConfig
 from merv.train.export import (
@@ -42,8 +43,9 @@ def test_save_load_round_trip_same_logits(tmp_path, flavor: str, projector: str)
         before = model(feats, ids, labels=labels)
     save_merv(model, tmp_path / "ckpt", extra={"step": 7})
     files = {p.name for p in (tmp_path / "ckpt").iterdir()}
-    assert {"merv_config.json", "connector.safetensors", "llm", "tokenizer"} <= files
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json", "README.md"} <= files
     cfg_json = read_merv_config(tmp_path / "ckpt")
+    assert cfg_json["layout"] == "hf"
     assert cfg_json["connector"]["projector"] == projector and cfg_json["extra"] == {"step": 7}
     loaded = load_merv(tmp_path / "ckpt", dtype=torch.float32)
     assert loaded.prompt_format == model.prompt_format and loaded.bos_token_id == model.bos_token_id
@@ -67,7 +69,11 @@ def test_connector_only_checkpoint_takes_llm_from_its_source(tmp_path) -> None:
     tok.save_pretrained(llm_dir)
     model.llm_source = str(llm_dir)
     save_merv(model, tmp_path / "align", save_llm=False)
-    assert not (tmp_path / "align" / "llm").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "align" / "model.safetensors"), "pt") as f:
+        assert all(k.startswith("connector.") for k in f.keys())  # the LLM is not copied
+    assert json.loads((tmp_path / "align" / "config.json").read_text())["llm_saved"] is False
     loaded = load_merv(tmp_path / "align", dtype=torch.float32)
     feats, ids, _ = _batch(model, tok, b=1)
     with torch.no_grad():
@@ -80,10 +86,13 @@ def test_connector_only_checkpoint_takes_llm_from_its_source(tmp_path) -> None:
 def test_corrupt_or_mismatched_checkpoint_is_named(tmp_path) -> None:
     model, _ = H.build_tiny_merv(seed=1)
     save_merv(model, tmp_path / "ck")
-    cfg = json.loads((tmp_path / "ck" / "merv_config.json").read_text())
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     cfg["connector"]["fusion"] = "concat_channel"  # the saved weights are a cross-attention fusion's
-    (tmp_path / "ck" / "merv_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"connector weights do not fit the model: missing \['fusion.proj.bias'"):
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"weights do not fit the model .*missing keys \['connector.fusion.proj.bias'"):
+        load_merv(tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights"):
         load_merv(tmp_path / "ck")
     with pytest.raises(FileNotFoundError, match="not a MERV export directory"):
         load_merv(tmp_path)
@@ -252,3 +261,19 @@ def test_load_published_merv_from_a_reference_run_directory(tmp_path) -> None:
         emb = llm.get_input_embeddings()(ids)
         ref = llm(inputs_embeds=torch.cat([emb[:, :1], ref_fusion(xs), emb[:, 1:]], 1)).logits
     assert torch.allclose(ours, ref, atol=1e-4)
+    # `merv convert-reference` makes the same run a Hugging Face-native export with the same logits
+    llm_dir = tmp_path / "llm-config"
+    llm.config.save_pretrained(llm_dir)
+    from typer.testing import CliRunner
+
+    from merv.cli import app
+    from merv.hf import MervForConditionalGeneration
+
+    res = CliRunner().invoke(app, ["convert-reference", str(run), str(tmp_path / "hf"), "--tokenizer", str(tok_dir),
+                                   "--dtype", "float32", "--llm-config", str(llm_dir / "config.json")])
+    assert res.exit_code == 0, res.output
+    converted = MervForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        assert torch.equal(converted(input_ids=ids, features=feats).logits, ours)
+    assert [e["model_id"] for e in converted.config.encoders][:2] == ["LanguageBind/LanguageBind_Video_merge",
+                                                                      PAPER_ENCODERS["dinov2"].model_id]

@@ -5,7 +5,6 @@ on disk; `merv train` / `merv eval` / `merv store` run as real commands."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -173,8 +172,13 @@ def _damaged_task(root: Path) -> tuple[str, str, str]:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MERV_DEBUG": "0"}
-    return subprocess.run([*MERV, *args], capture_output=True, text=True, env=env, timeout=600, check=False)
+    """The `merv` command in this process (the CLI's own error handling; no interpreter start-up)."""
+    from typer.testing import CliRunner
+
+    from merv.cli import app
+
+    res = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(["merv", *args], res.exit_code, res.stdout, res.stderr)
 
 
 @pytest.mark.integration

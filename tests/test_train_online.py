@@ -68,3 +68,66 @@ def test_generation_encoders_give_the_cached_features_bit_for_bit(extracted):
         for name, x in got.items():
             assert torch.equal(x[0], torch.from_numpy(want[name]).float()), (sample_id, name)
     assert reader.table.kind_of(reader.table.index["still"]) == "image"
+
+
+def test_a_trained_export_is_a_hugging_face_model_that_answers_a_real_video(extracted, tmp_path):
+    """`merv train` -> RUN/export -> from_pretrained (directly and through the Auto classes) ->
+    transformers' generate on a decoded video equals `merv generate` and the training model's own
+    greedy loop; the export records the store groups' fingerprints and `merv generate` refuses
+    encoders of another configuration."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from merv.hf import MervForConditionalGeneration
+    from merv.pipelines.generate import GenerateOptions, answer_video
+    from merv.train.export import load_merv
+    from merv.train.online import EncoderMismatchError
+
+    root, data, store = extracted
+    run = train(get_recipe("tiny", stage="finetune").override({
+        "data.files": [data], "data.stores": [store], "schedule.max_steps": 2, "loader.global_batch_size": 4,
+        "model.connector.tokens_per_frame": 16, "checkpoint.out_dir": str(tmp_path / "run"), "logging.progress": False,
+        "logging.tensorboard": False}))
+    export = run["export"]
+    hf = MervForConditionalGeneration.from_pretrained(export)
+    auto = AutoModelForImageTextToText.from_pretrained(export)
+    assert type(auto) is MervForConditionalGeneration
+    groups = FeatureReader(store).groups
+    assert hf.config.encoder_fingerprints() == {n: groups[n].spec.fingerprint for n in hf.config.encoder_fingerprints()}
+    assert all(fp in (tmp_path / "run" / "export" / "README.md").read_text() for fp in hf.config.encoder_fingerprints().values())
+
+    video = json.loads(open(data).read())[0]["video"]
+    video = str(root / "data" / video) if not video.startswith("/") else video
+    question = "What color is the shape?"
+    answer = answer_video(export, video, question, GenerateOptions(max_new_tokens=8))
+    specs = [FeatureSpec.from_dict(d) for d in hf.config.feature_specs]
+    features = OnlineEncoders(specs, size="tiny").encode_path(video)
+    model = load_merv(export)
+    prompt = model.build_prompt(question)
+    tok = AutoTokenizer.from_pretrained(export)
+    ids = torch.tensor(model._prompt_ids(prompt))
+    for m in (hf, auto):
+        out = m.generate(input_ids=ids, features=features, max_new_tokens=8, do_sample=False)
+        assert tok.decode(out[0], skip_special_tokens=True).strip() == answer
+    assert model.generate(features, prompt, max_new_tokens=8).text == answer
+    with pytest.raises(EncoderMismatchError, match="fingerprint"):
+        answer_video(export, video, question, GenerateOptions(size="small", weights="random"))
+
+    # the processor (AutoProcessor after `import merv`) is the one online path: its frames, encoded,
+    # are the store's features bit for bit, for a video and for an image
+    from transformers import AutoProcessor
+
+    from merv.extract.sources import local_file
+
+    processor = AutoProcessor.from_pretrained(export)
+    reader = FeatureReader(store)
+    online = OnlineEncoders(specs, size="tiny")
+    video_id = next(i for i in reader.table.ids if i != "still")
+    for sample_id in (video_id, "still"):
+        record = reader.table.record(reader.table.index[sample_id])
+        with local_file(record.source) as path:
+            batch = processor("What is it?", videos=[path])
+        assert bool(batch["is_image"][0]) == (sample_id == "still")
+        got = online.encode_inputs({name: frames[0] for name, frames in batch["pixel_values"].items()})
+        want = reader.get(sample_id)
+        for name, x in got.items():
+            assert torch.equal(x[0], torch.from_numpy(want[name]).float()), (sample_id, name)

@@ -1,16 +1,19 @@
-"""Model checkpoints: our own export format, and the published MERV (reference) checkpoints.
+"""Exported models: the Hugging Face-native format, the earlier layout, and the published MERV weights.
 
-Our format (a directory; training-state checkpoints with torch.distributed.checkpoint live elsewhere):
-  merv_config.json          connector config, feature specs, LLM source + config, BOS id, prompt format
-  connector.safetensors     connector weights (`projectors.{i}.*`, `fusion.*`)
-  llm/                      the LLM as a plain HF model directory (config.json + model.safetensors)
-  tokenizer/                the tokenizer (HF `save_pretrained`)
+Export (what `merv train` writes to RUN/export, `save_merv`): a standard Hugging Face model
+directory (`merv.hf`): config.json (`model_type: merv`, the LLM's config as `text_config`, the
+connector, the feature specs and the encoders' fingerprints), generation_config.json, safetensors
+weights (`connector.*`, `llm.*`; sharded with an index when large), the tokenizer files and a model
+card (README.md). An align-stage export may leave the LLM out (`llm_saved: false`).
+
+Earlier layout (still loaded; `merv convert OLD NEW` rewrites it): merv_config.json,
+connector.safetensors, llm/ (an HF model directory), tokenizer/.
 
 Reference format (`torch.load(...)["model"]`, see princetonvisualai/merv `MERV.from_pretrained`): state
 dicts `projectors` (a ModuleList, `{i}.projector.projector.weight` for `3davg+linear`),
 `feature_fusion` (`Q`, `attention.{q,k,v}_proj_weight`, `attention.in_proj_bias`,
 `attention.out_proj.*`) and `llm_backbone` (`llm.model.*`, `llm.lm_head.weight`); older files use
-`projector` (one encoder) and `adapter` for the fusion.
+`projector` (one encoder) and `adapter` for the fusion. `merv convert-reference` makes it an export.
 """
 
 from __future__ import annotations
@@ -30,10 +33,14 @@ from .connector import Connector, ConnectorConfig
 from .model import MervModel
 from .specs import FeatureSpec
 
-CONFIG_NAME = "merv_config.json"
-CONNECTOR_WEIGHTS = "connector.safetensors"
-FORMAT = "merv-checkpoint"
-VERSION = 1
+HF_CONFIG = "config.json"
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+MODEL_TYPE = "merv"  # = merv.hf.MODEL_TYPE (train/ does not import merv.hf at module level)
+LEGACY_CONFIG = "merv_config.json"
+LEGACY_CONNECTOR = "connector.safetensors"
+LEGACY_FORMAT = "merv-checkpoint"
+LEGACY_VERSION = 1
+MAX_SHARD_SIZE = "5GB"
 
 
 class CheckpointError(MervError, ValueError):
@@ -49,10 +56,10 @@ class NotAnExportError(CheckpointNotFoundError):
 
     def __init__(self, path: str | os.PathLike[str], why: str) -> None:
         super().__init__(f"{path} is not a MERV export directory: {why}; pass the export directory "
-                         "`merv train` writes (RUN/export, holding merv_config.json)")
+                         "`merv train` writes (RUN/export, a config.json with model_type merv)")
 
 
-# --- our format ------------------------------------------------------------------------------
+# --- export ----------------------------------------------------------------------------------
 
 
 def save_merv(
@@ -62,64 +69,71 @@ def save_merv(
     save_llm: bool = True,
     extra: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    encoders: list[dict[str, Any]] | None = None,
+    eval_summary: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the export directory; `save_llm=False` (align stage) records only the LLM source.
+    """Write a Hugging Face-native export directory (see the module docstring).
 
+    `save_llm=False` (align stage) writes the connector only and records the LLM source.
     `state_dict`: the full model state (keys `connector.*`, `llm.*`) to write instead of the
     module's own, e.g. gathered from an FSDP-sharded model whose parameters are DTensors.
+    `extra`: what the model card and `merv generate` read (recipe, stage, steps, encoder size);
+    `encoders`: each encoder's provenance (name, fingerprint, store group, model id, frames).
     """
-    from safetensors.torch import save_file
+    from merv.hf.modeling import MervForConditionalGeneration
 
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    if state_dict is None:
-        connector_sd = model.connector.state_dict()
-        llm_sd = None
-    else:
-        connector_sd = {k[len("connector."):]: v for k, v in state_dict.items() if k.startswith("connector.")}
-        llm_sd = {k[len("llm."):]: v for k, v in state_dict.items() if k.startswith("llm.")}
-    state = {k: v.detach().contiguous().cpu() for k, v in connector_sd.items()}
-    save_file(state, str(out / CONNECTOR_WEIGHTS), metadata={"format": FORMAT})
-    if save_llm:
-        model.llm.save_pretrained(str(out / "llm"), safe_serialization=True, state_dict=llm_sd)
-    elif not model.llm_source:
+    if not save_llm and not model.llm_source:
         raise ValueError("save_llm=False needs model.llm_source (where to load the LLM from later)")
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(out / "tokenizer"))
-    config = {
-        "format": FORMAT,
-        "version": VERSION,
-        "connector": model.connector.config.to_dict(),
-        "feature_specs": [s.to_dict() for s in model.connector.specs],
-        "d_llm": model.connector.d_llm,
-        "num_visual_tokens": model.num_visual_tokens,
-        "llm": {"source": model.llm_source, "saved": save_llm, "config": model.llm.config.to_dict()},
-        "bos_token_id": model.bos_token_id,
-        "prompt_format": model.prompt_format,
-        "stage": model.stage,
-        "extra": extra or {},
-    }
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
-    return out
+    hf = MervForConditionalGeneration.from_merv_model(model, encoders=encoders, recipe=extra, llm_saved=save_llm)
+    return hf.save_export(directory, tokenizer=model.tokenizer, state_dict=state_dict, eval_summary=eval_summary,
+                          max_shard_size=MAX_SHARD_SIZE)
 
 
 def read_merv_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The export's merv_config.json; a path that is no export raises `NotAnExportError` saying what it is."""
+    """What an export says about itself, in one shape for both layouts: connector, feature_specs,
+    d_llm, llm {source, saved}, bos_token_id, prompt_format, extra (recipe, stage, ...), encoders,
+    layout ("hf" | "legacy"). A path that is no export raises `NotAnExportError` saying what it is."""
     root = Path(directory)
-    path = root / CONFIG_NAME
-    if not path.is_file():
+    if (root / HF_CONFIG).is_file():
+        cfg = _json_file(root, HF_CONFIG)
+        if cfg.get("model_type") == MODEL_TYPE:
+            lacking = [k for k in ("connector", "feature_specs", "text_config") if k not in cfg]
+            if lacking:
+                raise NotAnExportError(root, f"{HF_CONFIG} lacks {lacking}")
+            return {
+                "layout": "hf",
+                "connector": cfg["connector"],
+                "feature_specs": cfg["feature_specs"],
+                "d_llm": int(cfg["text_config"]["hidden_size"]),
+                "llm": {"source": cfg.get("llm_source"), "saved": bool(cfg.get("llm_saved", True))},
+                "bos_token_id": cfg.get("bos_token_id") if cfg.get("visual_after_bos", True) else None,
+                "prompt_format": cfg.get("prompt_format", "pure"),
+                "extra": cfg.get("recipe") or {},
+                "encoders": cfg.get("encoders") or [],
+            }
+        if not (root / LEGACY_CONFIG).is_file():
+            raise NotAnExportError(root, f"its {HF_CONFIG} is a {cfg.get('model_type')!r} model, not a merv one")
+    if not (root / LEGACY_CONFIG).is_file():
         raise NotAnExportError(root, _what_it_is(root))
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NotAnExportError(root, f"{CONFIG_NAME} is not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise NotAnExportError(root, f"{CONFIG_NAME} is not a {FORMAT} config")
-    if int(cfg.get("version", 0)) > VERSION:
-        raise CheckpointError(f"{path}: format {FORMAT} v{cfg.get('version')} is newer than this merv reads (v{VERSION}); upgrade merv")
+    cfg = _json_file(root, LEGACY_CONFIG)
+    if cfg.get("format") != LEGACY_FORMAT:
+        raise NotAnExportError(root, f"{LEGACY_CONFIG} is not a {LEGACY_FORMAT} config")
+    if int(cfg.get("version", 0)) > LEGACY_VERSION:
+        raise CheckpointError(f"{root / LEGACY_CONFIG}: format {LEGACY_FORMAT} v{cfg.get('version')} is newer than "
+                              f"this merv reads (v{LEGACY_VERSION}); upgrade merv")
     lacking = [k for k in ("connector", "feature_specs", "d_llm", "llm") if k not in cfg]
     if lacking:
-        raise NotAnExportError(root, f"{CONFIG_NAME} lacks {lacking}")
+        raise NotAnExportError(root, f"{LEGACY_CONFIG} lacks {lacking}")
+    return {**cfg, "layout": "legacy", "encoders": cfg.get("encoders") or [], "extra": cfg.get("extra") or {}}
+
+
+def _json_file(root: Path, name: str) -> dict[str, Any]:
+    try:
+        cfg = json.loads((root / name).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NotAnExportError(root, f"{name} is not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise NotAnExportError(root, f"{name} is not a JSON object")
     return cfg
 
 
@@ -127,7 +141,11 @@ def check_export(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """`read_merv_config` plus the files loading needs, so a broken export fails before any other work."""
     root = Path(directory)
     cfg = read_merv_config(root)
-    needed = [CONNECTOR_WEIGHTS] + (["llm/config.json"] if cfg["llm"].get("saved") else [])
+    if cfg["layout"] == "hf":
+        if not any((root / f).is_file() for f in HF_WEIGHTS):
+            raise NotAnExportError(root, f"no weights ({' or '.join(HF_WEIGHTS)}; an interrupted export?)")
+        return cfg
+    needed = [LEGACY_CONNECTOR] + (["llm/config.json"] if cfg["llm"].get("saved") else [])
     absent = [f for f in needed if not (root / f).is_file()]
     if absent:
         raise NotAnExportError(root, f"{', '.join(absent)} missing (an interrupted export?)")
@@ -140,13 +158,13 @@ def _what_it_is(root: Path) -> str:
         return "no such file or directory"
     if not root.is_dir():
         return "it is a file"
-    if (root / "export" / CONFIG_NAME).is_file():
+    if (root / "export" / HF_CONFIG).is_file() or (root / "export" / LEGACY_CONFIG).is_file():
         return f"it is a training run directory; its export is {root / 'export'}"
     if (root / "zarr.json").is_file():
         return "it is a feature store"
     if not any(root.iterdir()):
         return "the directory is empty"
-    return f"no {CONFIG_NAME} in it"
+    return f"no {HF_CONFIG} in it"
 
 
 def load_merv(
@@ -157,18 +175,58 @@ def load_merv(
     attn_implementation: str | None = None,
     llm_source: str | None = None,
 ) -> MervModel:
-    """Rebuild a `MervModel` from `save_merv` output (LLM from `llm/`, or from its recorded source)."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .llm import choose_attn_implementation, load_llm, load_tokenizer
+    """A `MervModel` from an export (either layout); the LLM from the directory, or from its
+    recorded source (`llm_source` overrides it) when the export left it out."""
+    from .llm import choose_attn_implementation
 
     root = Path(directory)
     cfg = check_export(root)
+    attn = attn_implementation or choose_attn_implementation(device)
+    if cfg["layout"] == "hf":
+        model = _load_hf(root, cfg, dtype, attn, llm_source)
+    else:
+        model = _load_legacy(root, cfg, dtype, attn, llm_source)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def _load_hf(root: Path, cfg: dict[str, Any], dtype: torch.dtype | None, attn: str, llm_source: str | None) -> MervModel:
+    from merv.hf.configuration import MervConfig
+    from merv.hf.modeling import MervForConditionalGeneration
+
+    config = MervConfig.from_pretrained(str(root), local_files_only=True)
+    if llm_source:
+        config.llm_source = llm_source
+    try:
+        loaded = MervForConditionalGeneration.from_pretrained(
+            str(root), config=config, local_files_only=True, dtype=dtype or "auto", attn_implementation=attn,
+            output_loading_info=config.llm_saved)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, MervError):
+            raise
+        raise CheckpointError(f"{root}: the weights do not load ({' '.join(str(exc).split())[:300]}); "
+                              "re-export the model") from exc
+    hf, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+    problems = {k.replace("_", " "): sorted(map(str, v)) for k, v in info.items()
+                if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:  # transformers would go on with random weights; a trained model must load whole
+        parts = "; ".join(f"{k} {v[:6]}{' ...' if len(v) > 6 else ''}" for k, v in problems.items())
+        raise CheckpointError(f"{root}: weights do not fit the model its config.json describes ({parts}); re-export it")
+    return hf.as_merv_model()
+
+
+def _load_legacy(root: Path, cfg: dict[str, Any], dtype: torch.dtype | None, attn: str,
+                 llm_source: str | None) -> MervModel:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .llm import load_llm, load_tokenizer
+
     specs = [FeatureSpec.from_dict(d) for d in cfg["feature_specs"]]
     connector = Connector(specs, int(cfg["d_llm"]), ConnectorConfig.from_dict(cfg["connector"]))
-    _load_strict(connector, load_file(str(root / CONNECTOR_WEIGHTS)), "connector")
-    attn = attn_implementation or choose_attn_implementation(device)
+    load_strict(connector, load_file(str(root / LEGACY_CONNECTOR)), "connector")
     source = llm_source or cfg["llm"].get("source")
     if cfg["llm"].get("saved"):
         llm = AutoModelForCausalLM.from_pretrained(
@@ -184,16 +242,11 @@ def load_merv(
         if tok_dir.is_dir()
         else (load_tokenizer(source) if source else None)
     )
-    model = MervModel(
-        connector, llm, tokenizer=tokenizer, bos_token_id=cfg.get("bos_token_id"), prompt_format=cfg.get("prompt_format", "pure"), llm_source=source
-    )
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return model
+    return MervModel(connector, llm, tokenizer=tokenizer, bos_token_id=cfg.get("bos_token_id"),
+                     prompt_format=cfg.get("prompt_format", "pure"), llm_source=source)
 
 
-def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -299,14 +352,14 @@ def load_reference_state(model: MervModel, ref: dict[str, Any] | str | os.PathLi
         ref = ckpt["model"] if "model" in ckpt else ckpt
     conn, llm = reference_to_merv_state(ref, model.connector)  # type: ignore[arg-type]
     dtype = next(model.llm.parameters()).dtype
-    _load_strict(model.connector, {k: v.to(dtype) for k, v in conn.items()}, "connector")
+    load_strict(model.connector, {k: v.to(dtype) for k, v in conn.items()}, "connector")
     own = model.llm.state_dict()
     tied = {"lm_head.weight"} if getattr(model.llm.config, "tie_word_embeddings", False) else set()
     # a tied lm_head may or may not be stored separately; every other key must match exactly
     llm = {k: v.to(dtype) for k, v in llm.items() if k in own or k not in tied}
     for k in tied & (set(own) - set(llm)):
         llm[k] = llm["model.embed_tokens.weight"]
-    _load_strict(model.llm, llm, "llm")
+    load_strict(model.llm, llm, "llm")
     model.connector.freeze_inert()
 
 
@@ -349,7 +402,24 @@ def connector_from_reference_config(model_cfg: dict[str, Any]) -> tuple[Connecto
     return cfg, specs
 
 
-def _find_reference_files(source: str, cache_dir: str | None) -> tuple[Path, Path]:
+PUBLISHED_REPO = "tyleryzhu/merv"  # the reference's published weights, one folder per model
+PUBLISHED_MODELS = ("merv-frozen", "merv-full", "languagebind-single", "dinov2-single", "vivit-single",
+                    "siglip-single")  # the reference's registry (merv/models/registry.py)
+
+
+def is_published(source: str | os.PathLike[str]) -> bool:
+    """A published model name (and not a local directory of that name)."""
+    return str(source) in PUBLISHED_MODELS and not Path(source).exists()
+
+
+def reference_config(source: str, cache_dir: str | None = None, allow_download: bool = False) -> dict[str, Any]:
+    """The `model` section of a reference run's config.json (no weights are read)."""
+    cfg_path, _ = _find_reference_files(source, cache_dir, allow_download, weights=False)
+    return json.loads(cfg_path.read_text())["model"]
+
+
+def _find_reference_files(source: str, cache_dir: str | None, allow_download: bool = False,
+                          weights: bool = True) -> tuple[Path, Path]:
     root = Path(source)
     if root.is_dir():
         cfg, pt = root / "config.json", root / "checkpoints" / "latest-checkpoint.pt"
@@ -358,15 +428,18 @@ def _find_reference_files(source: str, cache_dir: str | None) -> tuple[Path, Pat
         return cfg, pt
     from huggingface_hub import hf_hub_download
 
+    files = [f"{source}/config.json"] + ([f"{source}/checkpoints/latest-checkpoint.pt"] if weights else [])
     try:
-        cfg = hf_hub_download("tyleryzhu/merv", f"{source}/config.json", cache_dir=cache_dir, local_files_only=True)
-        pt = hf_hub_download("tyleryzhu/merv", f"{source}/checkpoints/latest-checkpoint.pt", cache_dir=cache_dir, local_files_only=True)
+        paths = [Path(hf_hub_download(PUBLISHED_REPO, f, cache_dir=cache_dir, local_files_only=not allow_download))
+                 for f in files]
     except Exception as err:  # huggingface_hub raises several types when offline / missing
+        known = "" if source in PUBLISHED_MODELS else f" (published models: {', '.join(PUBLISHED_MODELS)})"
         raise CheckpointNotFoundError(
-            f"published MERV checkpoint {source!r} is not in the HF cache; download it on a machine with internet: "
-            f"`hf download tyleryzhu/merv --include '{source}/*'`, or pass the run directory ({err})"
+            f"published MERV checkpoint {source!r}{known} is not in the HF cache (repo {PUBLISHED_REPO}); download it "
+            f"where the Hub is reachable: `hf download {PUBLISHED_REPO} --include '{source}/*'` (or pass "
+            f"--allow-download), or pass the run directory ({type(err).__name__})"
         ) from err
-    return Path(cfg), Path(pt)
+    return paths[0], (paths[1] if weights else paths[0])
 
 
 def load_published_merv(
@@ -377,15 +450,17 @@ def load_published_merv(
     device: str | torch.device | None = None,
     cache_dir: str | None = None,
     llm_config: Any = None,
+    allow_download: bool = False,
 ) -> MervModel:
-    """Load `merv-frozen` / `merv-full` (HF cache, offline) or a reference run directory.
+    """Load `merv-frozen` / `merv-full` / a single-encoder baseline (HF cache, offline unless
+    `allow_download`) or a reference run directory.
 
     The LLM weights come from the checkpoint, so only the LLM's tokenizer must be local.
     `llm_config` defaults to LLaMA-2 7B with the reference's padded vocabulary (32064).
     """
     from .llm import choose_attn_implementation, empty_llm, ensure_pad_token, llama2_7b_config, load_tokenizer
 
-    cfg_path, pt_path = _find_reference_files(source, cache_dir)
+    cfg_path, pt_path = _find_reference_files(source, cache_dir, allow_download)
     model_cfg = json.loads(cfg_path.read_text())["model"]
     if not str(model_cfg.get("llm_backbone_id", "")).startswith("llama2-7b"):
         raise CheckpointError(f"only LLaMA-2 7B reference checkpoints are supported, got {model_cfg.get('llm_backbone_id')!r}")
@@ -401,3 +476,35 @@ def load_published_merv(
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def convert_reference(
+    source: str,
+    out: str | os.PathLike[str],
+    *,
+    tokenizer_source: str = "llama2-7b-pure",
+    dtype: torch.dtype = torch.bfloat16,
+    cache_dir: str | None = None,
+    llm_config: Any = None,
+) -> Path:
+    """A published MERV checkpoint (`merv-frozen`, `merv-full`, ... from the HF cache, or a reference
+    run directory) written as a Hugging Face-native export."""
+    from merv.store.paper import PAPER_ENCODERS
+
+    model = load_published_merv(source, tokenizer_source=tokenizer_source, dtype=dtype, cache_dir=cache_dir,
+                                llm_config=llm_config)
+    encoders = [{"name": s.name, "model_id": PAPER_ENCODERS[s.name].model_id, "frames": PAPER_ENCODERS[s.name].frames,
+                 "reference_id": PAPER_ENCODERS[s.name].reference_id}
+                for s in model.connector.specs if s.name in PAPER_ENCODERS]
+    return save_merv(model, out, encoders=encoders or None,
+                     extra={"recipe": f"published:{Path(source).name}", "stage": "finetune", "encoder_size": "paper"})
+
+
+def convert_export(source: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """An export in the earlier layout (merv_config.json, connector.safetensors, llm/) rewritten as a
+    Hugging Face-native one; weights and behaviour unchanged."""
+    cfg = check_export(source)
+    if Path(out).resolve() == Path(source).resolve():
+        raise CheckpointError(f"{out}: write the converted export to a new directory, not over its source")
+    model = load_merv(source)
+    return save_merv(model, out, extra=cfg.get("extra") or {}, save_llm=bool(cfg["llm"].get("saved", True)))

@@ -23,6 +23,7 @@ from .connector import Connector
 from .prompts import IGNORE_INDEX, ensure_bos, get_prompt_builder
 
 STAGES = ("align", "finetune", "full-align")
+DEFAULT_MAX_NEW_TOKENS = 64  # answer length limit of `generate` / `merv generate` when none is given
 
 
 @dataclass
@@ -149,6 +150,9 @@ class MervModel(nn.Module):
         self.prompt_format = prompt_format
         self.llm_source = llm_source
         self.stage: str | None = None
+        # per encoder: name, fingerprint, store group, model id, frames (what an export records);
+        # readers of features use the fingerprints to refuse features of another encoder configuration
+        self.encoders: list[dict[str, Any]] = []
         connector.freeze_inert()
 
     # --- properties ---------------------------------------------------------------------------
@@ -382,7 +386,7 @@ class MervModel(nn.Module):
         features: dict[str, torch.Tensor] | None,
         prompt: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
         *,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int = 0,

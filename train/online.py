@@ -25,6 +25,10 @@ class OnlineEncodingError(MervError, ValueError):
     """A model's encoders cannot be rebuilt online as asked (unknown encoder, size, or configuration)."""
 
 
+class EncoderMismatchError(MervError, ValueError):
+    """The encoders built for a model are not the configuration it was trained on."""
+
+
 def _info(obj: Any, key: str, default: Any = None) -> Any:
     info = getattr(obj, "info", None)
     if isinstance(info, dict):
@@ -47,6 +51,49 @@ def match_grid(x: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     return pool_grid_torch(x, spec.grid[1:])
 
 
+def select_frames(
+    frames_for: Callable[[int], Any],
+    names: list[str],
+    count: Callable[[str], int],
+    framewise: Callable[[str], bool],
+    is_image: bool = False,
+) -> dict[str, np.ndarray]:
+    """Each encoder's frames of one decoded clip, by extraction's rule: its own frame count from
+    `frames_for(n)`, and an image's single frame for a frame-wise encoder. uint8 (n, H, W, 3);
+    the encoders' own preprocessing (resize, normalise) happens when they encode."""
+    from merv.store.grid import frames_to_encode
+
+    return {name: np.ascontiguousarray(np.asarray(frames_for(frames_to_encode(count(name), framewise(name), is_image))))
+            for name in names}
+
+
+def encode_selected(
+    selected: dict[str, Any],
+    encoders: dict[str, Any],
+    specs: list[FeatureSpec],
+    *,
+    device: str | torch.device | None = None,
+    stored_as: dict[str, tuple[str, int]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each encoder's frames (`select_frames`) -> {name: (1, t, h, w, d)} exactly as the cache holds
+    them: an image's single frame broadcast to t frames as the reader does, pooled to the spec's
+    grid and given the store's encoding (`stored_as`: name -> (encoding, bitround keepbits);
+    float16 by default)."""
+    from merv.store.encodings import as_stored
+    from merv.store.grid import broadcast_frames
+
+    out: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        clip = torch.as_tensor(np.ascontiguousarray(np.asarray(selected[spec.name])))[None]
+        x = torch.as_tensor(encoders[spec.name].encode(clip)).float()
+        if x.shape[1] == 1 != spec.grid[0]:  # an image's single frame, broadcast as the reader does
+            x = broadcast_frames(x, spec.grid[0], axis=1)
+        encoding, keepbits = (stored_as or {}).get(spec.name, ("fp16", 7))
+        cached = as_stored(match_grid(x, spec).cpu().numpy(), encoding, keepbits)  # what the reader would return
+        out[spec.name] = torch.from_numpy(cached).float().to(device or "cpu")
+    return out
+
+
 def encode_clip(
     frames_for: Callable[[int], Any],
     encoders: dict[str, Any],
@@ -59,30 +106,38 @@ def encode_clip(
 ) -> dict[str, torch.Tensor]:
     """One decoded clip -> {name: (1, t, h, w, d)} exactly as extraction caches it.
 
-    The single place that applies extraction's rules online: each encoder gets its own frame
-    count from `frames_for(n)`; frame-wise encoders see an image's single frame, broadcast to t
-    frames as the reader does; outputs are pooled to the spec's grid and given the store's
-    encoding (`stored_as`: name -> (encoding, bitround keepbits); float16 by default). Generation
-    (`OnlineEncoders`) and `merv train --online` (`OnlineFeatureFn`) both call it, so the model
-    sees the numbers it would read from the cache (the rules themselves live in merv.store.grid
-    and merv.store.encodings, shared with the extraction worker and the reader).
+    The single place that applies extraction's rules online (`select_frames`, then
+    `encode_selected`). Generation (`OnlineEncoders`, `MervProcessor`) and `merv train --online`
+    (`OnlineFeatureFn`) all go through these two steps, so the model sees the numbers it would
+    read from the cache (the rules themselves live in merv.store.grid and merv.store.encodings,
+    shared with the extraction worker and the reader).
     """
-    from merv.store.encodings import as_stored
-    from merv.store.grid import broadcast_frames, frames_to_encode
+    selected = select_frames(
+        frames_for, [s.name for s in specs],
+        lambda name: frames(name, encoders[name]) if frames else int(_info(encoders[name], "frames")),
+        lambda name: bool(_info(encoders[name], "framewise", False)), is_image)
+    return encode_selected(selected, encoders, specs, device=device, stored_as=stored_as)
 
-    out: dict[str, torch.Tensor] = {}
-    for spec in specs:
-        enc = encoders[spec.name]
-        count = frames(spec.name, enc) if frames else int(_info(enc, "frames"))
-        n = frames_to_encode(count, bool(_info(enc, "framewise", False)), is_image)
-        clip = torch.as_tensor(np.ascontiguousarray(np.asarray(frames_for(n))))[None]
-        x = torch.as_tensor(enc.encode(clip)).float()
-        if x.shape[1] == 1 != spec.grid[0]:  # an image's single frame, broadcast as the reader does
-            x = broadcast_frames(x, spec.grid[0], axis=1)
-        encoding, keepbits = (stored_as or {}).get(spec.name, ("fp16", 7))
-        cached = as_stored(match_grid(x, spec).cpu().numpy(), encoding, keepbits)  # what the reader would return
-        out[spec.name] = torch.from_numpy(cached).float().to(device or "cpu")
-    return out
+
+def decode_clip(path: str, frames: int, loader: Callable[[str, int], Any] | None = None) -> tuple[np.ndarray, bool]:
+    """(uint8 frames (T, H, W, 3), is_image) of a video / image file or URL, decoded once at
+    `frames` as extraction decodes it (a URL or tar member is fetched like extraction fetches it)."""
+    if loader is not None:
+        clip = loader(path, frames)
+    else:
+        from merv.extract.sources import local_file
+        from merv.extract.video import load_clip
+
+        with local_file(path) as local:
+            clip = load_clip(local, frames)
+    return np.asarray(getattr(clip, "frames", clip)), bool(getattr(clip, "is_image", False))
+
+
+def frames_decoded(counts: list[int]) -> int:
+    """Frames decoded per clip for encoders taking `counts` frames (extraction's rule)."""
+    from merv.extract.plan import decode_frames
+
+    return decode_frames(counts)
 
 
 class OnlineEncoders:
@@ -125,6 +180,21 @@ class OnlineEncoders:
             self._encoders[name] = enc
         return self._encoders[name]
 
+    def check_fingerprints(self, recorded: dict[str, str], what: str) -> None:
+        """Refuse encoders whose fingerprint differs from the one `what` (a model export) was
+        trained on: other weights, frames, preprocessing or layer give other numbers."""
+        for spec in self.specs:
+            want = recorded.get(spec.name)
+            if want is None:
+                continue
+            have = _info(self.encoder(spec.name), "fingerprint")
+            have = have() if callable(have) else have  # EncoderInfo.fingerprint() is a method
+            if have is not None and have != want:
+                raise EncoderMismatchError(
+                    f"encoder {spec.name!r} ({self.size}, weights {self.weights or 'default'}) has fingerprint {have}, "
+                    f"but {what} was trained on features of fingerprint {want}; pass the encoder size / weights "
+                    "it was trained with (--size, --weights)")
+
     def frames_for(self, name: str) -> int:
         if name in self._frames:
             return self._frames[name]
@@ -140,36 +210,31 @@ class OnlineEncoders:
 
         return subsample(frames, n)
 
+    def framewise(self, name: str) -> bool:
+        return bool(_info(self.encoder(name), "framewise", False))
+
     @torch.no_grad()  # not inference_mode: the features may feed a training step (online baseline)
+    def encode_inputs(self, selected: dict[str, Any], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """One sample's per-encoder frames (`MervProcessor` / `select_frames`) -> {name: (1, t, h, w, d)}."""
+        return encode_selected(selected, {s.name: self.encoder(s.name) for s in self.specs}, self.specs, device=device)
+
     def encode_frames(self, frames: np.ndarray | torch.Tensor, device: str | torch.device | None = None,
                       is_image: bool = False) -> dict[str, torch.Tensor]:
         """uint8 frames (T, H, W, 3) -> {name: (1, t, h, w, d)} on `device` (see `encode_clip`)."""
-        return encode_clip(lambda n: self._subsample(frames, n), {s.name: self.encoder(s.name) for s in self.specs},
-                           self.specs, is_image=is_image, frames=lambda name, _: self.frames_for(name), device=device)
+        selected = select_frames(lambda n: self._subsample(frames, n), [s.name for s in self.specs], self.frames_for,
+                                 self.framewise, is_image)
+        return self.encode_inputs(selected, device)
 
     def encode_image(self, image: np.ndarray, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """An image is a video of repeated frames (paper 3.2); frame-wise encoders see it once."""
         return self.encode_frames(np.asarray(image)[None], device, is_image=True)
 
     def encode_path(self, path: str, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-        """Decode `path` once, as extraction does (`merv.extract.plan.decode_frames`), then
-        subsample per encoder: the model sees the frames it was trained on from the cache."""
-        if self.decode_frames is not None:
-            n = self.decode_frames
-        else:
-            from merv.extract.plan import decode_frames
-
-            n = decode_frames([self.frames_for(s.name) for s in self.specs])
-        if self._loader is not None:
-            clip = self._loader(path, n)
-        else:
-            from merv.extract.sources import local_file
-            from merv.extract.video import load_clip
-
-            with local_file(path) as local:  # a URL or tar member is fetched like extraction fetches it
-                clip = load_clip(local, n)
-        frames = getattr(clip, "frames", clip)
-        return self.encode_frames(frames, device, is_image=bool(getattr(clip, "is_image", False)))
+        """Decode `path` once, as extraction does, then subsample per encoder: the model sees the
+        frames it was trained on from the cache."""
+        n = self.decode_frames or frames_decoded([self.frames_for(s.name) for s in self.specs])
+        frames, is_image = decode_clip(path, n, self._loader)
+        return self.encode_frames(frames, device, is_image=is_image)
 
 
 class OnlineFeatureFn:

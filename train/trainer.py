@@ -88,6 +88,21 @@ def _derived(config: RunConfig, *, num_examples: int, total_steps: int, world_si
             "total_steps": total_steps, "world_size": world_size, "activation_checkpointing": activation_checkpointing}
 
 
+def encoder_provenance(data: Any, order: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:
+    """Per encoder, what the export records so features from another configuration are refused
+    later: the encoder's fingerprint, the store group, its model id, size, weights and frames."""
+    groups = data.readers()[0].groups
+    out = []
+    for name in order:
+        spec = groups[name].spec
+        enc = (spec.info or {}).get("encoder", {})
+        out.append({"name": name, "fingerprint": spec.fingerprint, "group": groups[name].key,
+                    "model_id": enc.get("model_id"), "size": enc.get("size"), "weights": enc.get("weights"),
+                    "frames": enc.get("frames"), "framewise": spec.framewise,
+                    "frames_decoded": (spec.info or {}).get("decoding", {}).get("frames_decoded")})
+    return out
+
+
 def feature_specs(data: Any, order: list[str] | tuple[str, ...]) -> list[Any]:
     """Connector specs in the requested encoder order (the fusion / checkpoint order)."""
     from .specs import FeatureSpec
@@ -202,9 +217,11 @@ def _train(config: RunConfig, feature_fn: Any, env: DistEnv, mode: str) -> dict[
 
             save_merv(model, export_dir, state_dict=full,
                       save_llm=config.stage != "align" or config.model.init_from is not None,
+                      encoders=encoder_provenance(data, config.model.encoders),
                       extra={"recipe": config.recipe, "stage": config.stage, "steps": summary["steps"],
                              "encoder_size": config.model.encoder_size,
-                             "encoder_weights": config.model.encoder_weights})
+                             "encoder_weights": config.model.encoder_weights,
+                             "data": [str(f) for f in config.data.files]})
         if dist.is_initialized():
             dist.barrier()
         summary["export"] = str(export_dir)

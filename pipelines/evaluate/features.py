@@ -39,7 +39,11 @@ class StoreFeatures:
     def __init__(self, model: Any, store: FeatureStore | str, *, fingerprints: dict[str, str] | None,
                  check_windows: bool) -> None:
         self.specs = list(model.connector.specs)
-        self.reader = FeatureReader(store, [s.name for s in self.specs], fingerprints=fingerprints or None, as_torch=True)
+        # by default the fingerprints the model was trained on (its export records them): a store
+        # group of another encoder configuration is refused, never read
+        trained = {e["name"]: e["fingerprint"] for e in getattr(model, "encoders", []) if e.get("fingerprint")}
+        self.reader = FeatureReader(store, [s.name for s in self.specs], fingerprints=fingerprints or trained or None,
+                                    as_torch=True)
         self.table = self.reader.table
         self.check_windows = check_windows
         for s in self.specs:
