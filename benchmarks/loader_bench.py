@@ -6,7 +6,9 @@ written per encoding. Then, for the same samples:
               tokenisation, collation into tensors), one epoch, num_workers 0 and 1; the rate is
               taken after the first micro-batch (worker start-up is reported apart)
   codec_only  read every shard file and decode its chunks with crc32c + zstd (+ int8 scales)
-Prints JSON with samples/s, MB/s of decoded features and loader / codec_only.
+  limit       the memory-bandwidth limit: read the same shard files from the page cache and
+              crc32c every byte, on all cores (no decompression, no copies into tensors)
+Prints JSON with samples/s, MB/s of decoded features, loader / codec_only and loader / limit.
 
     python -m merv.benchmarks.loader_bench --samples 128
 """
@@ -83,6 +85,22 @@ def run_loader(data_json: str, store: str, batch: int, workers: int) -> tuple[fl
     return time.perf_counter() - t0, n, nbytes, float(first_s or 0.0)
 
 
+def page_cache_limit(store: str) -> tuple[float, int]:
+    """Seconds and bytes to read every shard file of the store (warm page cache) and crc32c it,
+    one file per task on a pool of `os.cpu_count()` threads (both release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from crc32c import crc32c
+
+    files = [p for p in Path(store).rglob("*") if p.is_file() and "/c/" in p.as_posix()]  # chunk / shard objects
+    for path in files:  # warm: the limit is memory, not disk
+        path.read_bytes()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        sizes = list(pool.map(lambda path: (crc32c(blob := path.read_bytes()), len(blob))[1], files))
+    return time.perf_counter() - t0, int(sum(sizes))
+
+
 def codec_only_all(store: str) -> tuple[float, int]:
     st = FeatureStore.open(store)
     total_s = total_b = 0.0
@@ -122,6 +140,9 @@ def main() -> None:
         codec_s, codec_b = min((codec_only_all(store) for _ in range(args.repeats)), key=lambda r: r[0])
         row = {"encoding": encoding, "samples": args.samples, "grid": list(GRID), "encoders": [n for n, _ in PAPER],
                "codec_only_samples_per_s": args.samples / codec_s, "codec_only_MBps": codec_b / codec_s / 1e6}
+        limit_s, limit_b = min((page_cache_limit(store) for _ in range(args.repeats)), key=lambda r: r[0])
+        row["limit_samples_per_s"] = args.samples / limit_s
+        row["limit_stored_MBps"] = limit_b / limit_s / 1e6
         for workers in (0, 1):
             secs, n, nbytes, first = min((run_loader(data_json, store, args.batch, workers) for _ in range(args.repeats)),
                                          key=lambda r: r[0])
@@ -129,6 +150,7 @@ def main() -> None:
             row[f"loader_w{workers}_samples_per_s"] = n / secs
             row[f"loader_w{workers}_MBps"] = nbytes / secs / 1e6
             row[f"loader_w{workers}_vs_codec_only"] = (n / secs) / (args.samples / codec_s)
+            row[f"loader_w{workers}_vs_limit"] = (n / secs) / row["limit_samples_per_s"]
         results.append(row)
         shutil.rmtree(Path(args.out) / encoding)
     print(json.dumps({"benchmark": "loader", "machine": platform.machine(), "cores": os.cpu_count(),
