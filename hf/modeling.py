@@ -113,6 +113,19 @@ class MervForConditionalGeneration(MervPreTrainedModel, GenerationMixin):
         model.encoders = [dict(e) for e in self.config.encoders if e.get("fingerprint")]
         return model
 
+    def _view(self) -> MervModel:
+        """A tokenizer-less `MervModel` over the same modules, built once, for merging the visual
+        tokens (kept out of the module tree so the weights are not listed twice)."""
+        view = self.__dict__.get("_merv_view")
+        if view is None:
+            from merv.train.model import MervModel
+
+            bos = self.config.bos_token_id if self.config.visual_after_bos else None
+            view = MervModel(self.connector, self.llm, bos_token_id=bos, prompt_format=self.config.prompt_format,
+                             llm_source=self.config.llm_source)
+            self.__dict__["_merv_view"] = view
+        return view
+
     # --- transformers plumbing ---------------------------------------------------------------------
 
     def get_input_embeddings(self) -> nn.Module:
@@ -143,7 +156,7 @@ class MervForConditionalGeneration(MervPreTrainedModel, GenerationMixin):
         if features is not None:
             if input_ids is None:
                 raise ValueError("features need the prompt's input_ids (the visual tokens go after its BOS)")
-            inputs_embeds, attention_mask, labels, weights = self.as_merv_model().embed_multimodal(
+            inputs_embeds, attention_mask, labels, weights = self._view().embed_multimodal(
                 features, input_ids, attention_mask, labels, has_visual)
             input_ids = None
         out = self.llm(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
@@ -164,7 +177,7 @@ class MervForConditionalGeneration(MervPreTrainedModel, GenerationMixin):
             raise ValueError("generate(features=...) needs the prompt's input_ids")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, mask)]
-        embeds, prefill_mask, _positions = self.as_merv_model()._prefill(features, rows)
+        embeds, prefill_mask, _positions = self._view()._prefill(features, rows)
         return super().generate(inputs_embeds=embeds, attention_mask=prefill_mask, **kwargs)
 
     # --- saving and sharing -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ a temperature, top-p, stop strings, and streaming to a callback.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,11 @@ class GenerateOptions:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings
     seed: int = 0  # sampling seed, so a sampled answer repeats
+
+
+# A fast tokenizer must not be used from two threads at once (its Rust object is borrowed mutably
+# while encoding): `merv serve` tokenises in request threads and decodes in the engine thread.
+TOKENIZER_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,8 @@ class GenerationSession:
 
     def prompt_ids(self, question: str, system_prompt: str | None = None) -> list[int]:
         self.model  # noqa: B018 - the tokenizer comes with the model
-        return self.processor.token_ids(self.processor.build_prompt(question, system_prompt))
+        with TOKENIZER_LOCK:
+            return self.processor.token_ids(self.processor.build_prompt(question, system_prompt))
 
     def generate(self, prompts: list[list[int]], features: list[dict[str, Any]], opts: GenerateOptions,
                  on_text: Callable[[str], None] | None = None) -> list[Answer]:
@@ -135,7 +142,8 @@ class GenerationSession:
         for row in out.tolist():
             cut = next((i for i, t in enumerate(row) if t == tok.eos_token_id), None)
             completion = row if cut is None else row[: cut + 1]  # what follows the first EOS is padding
-            text = tok.decode(completion, skip_special_tokens=True).strip()
+            with TOKENIZER_LOCK:
+                text = tok.decode(completion, skip_special_tokens=True).strip()
             stopped = cut is not None or any(stop in text for stop in opts.stop)
             finish = "stop" if stopped or len(completion) < opts.max_new_tokens else "length"
             answers.append(Answer(text, len(completion), finish))
@@ -166,7 +174,8 @@ class _CallbackStreamer:
     def put(self, value: object) -> None:
         ids = value.reshape(-1).tolist()  # type: ignore[attr-defined]
         self.ids += [int(i) for i in ids]
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+        with TOKENIZER_LOCK:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)  # type: ignore[attr-defined]
         if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
             return
         if len(text) > len(self.sent):
@@ -174,7 +183,8 @@ class _CallbackStreamer:
             self.sent = text
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+        with TOKENIZER_LOCK:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)  # type: ignore[attr-defined]
         if len(text) > len(self.sent):
             self.on_text(text[len(self.sent):])
         self.sent = text
