@@ -232,7 +232,7 @@ class MervForConditionalGeneration(MervPreTrainedModel, GenerationMixin):
         if not isinstance(config, MervConfig):
             config = MervConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
         if config.llm_saved:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **{**kwargs, "config": config})
         return _connector_only(cls, Path(pretrained_model_name_or_path), config, kwargs.get("dtype"))
 
 

@@ -77,16 +77,14 @@ class MervProcessor:
     # --- text ----------------------------------------------------------------------------------
 
     def build_prompt(self, message: str, system_prompt: str | None = None) -> str:
-        from merv.train.prompts import get_prompt_builder
+        from merv.train.prompts import one_turn_prompt
 
-        builder = get_prompt_builder(self.prompt_format, self.tokenizer, system_prompt)
-        builder.add_turn("human", message)
-        return builder.get_prompt()
+        return one_turn_prompt(self.prompt_format, self.tokenizer, message, system_prompt)
 
     def token_ids(self, prompt: str) -> list[int]:
-        from merv.train.prompts import ensure_bos
+        from merv.train.prompts import prompt_token_ids
 
-        return ensure_bos(self.tokenizer, list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]))
+        return prompt_token_ids(self.tokenizer, prompt)
 
     # --- visual --------------------------------------------------------------------------------
 
@@ -128,13 +126,11 @@ class MervProcessor:
             visuals = [visuals]
         if visuals is not None and len(visuals) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(visuals)} visual inputs: give one per text")
+        from merv.train.prompts import left_pad
+
         rows = [self.token_ids(self.build_prompt(t) if wrap else t) for t in texts]
-        width = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        data: dict[str, Any] = {
-            "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
-            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
-        }
+        ids, mask = left_pad(rows, self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        data: dict[str, Any] = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
         if visuals is not None:
             pixels: dict[str, list[torch.Tensor]] = {e["name"]: [] for e in self.encoders}
             flags = []

@@ -123,11 +123,12 @@ class GenerationSession:
         """Answers to several prompts (one visual each) in one batched `generate` (left-padded)."""
         import torch
 
+        from merv.train.prompts import left_pad
+
         model, tok = self.model, self.model.tokenizer
-        width = max(map(len, prompts))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in prompts], device=model.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in prompts], device=model.device)
+        rows, masks = left_pad(prompts, tok.pad_token_id if tok.pad_token_id is not None else 0)
+        ids = torch.tensor(rows, device=model.device)
+        mask = torch.tensor(masks, device=model.device)
         feats = {name: torch.cat([f[name] for f in features]).to(model.device) for name in features[0]}
         sampling = ({"do_sample": True, "temperature": opts.temperature, "top_p": opts.top_p} if opts.temperature > 0
                     else {"do_sample": False})

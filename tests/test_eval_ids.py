@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from test_evaluate import fill_store, read_rows
+from testkit.threads import one_thread  # noqa: F401 - autouse: one torch thread in this module
 from typer.testing import CliRunner
 
 from merv import cli
@@ -22,14 +22,6 @@ from merv.store import FeatureStore, SampleRecord
 from merv.train.tiny import build_tiny_merv
 
 VIDEO = "video_10336"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

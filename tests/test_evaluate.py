@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from testkit.threads import one_thread  # noqa: F401 - autouse: one torch thread in this module
 
 from merv.extract.sources import read_manifest
 from merv.pipelines import evaluate as E
@@ -23,15 +24,6 @@ from merv.train.tiny import build_tiny_merv
 
 WORDS = ["What", "How", "Why", "Where", "Is", "who"]
 N_VIDEOS = 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """The tiny model's ops are too small to gain from threads; one thread avoids contention on busy 2-core hosts."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .connector import Connector
-from .prompts import IGNORE_INDEX, ensure_bos, get_prompt_builder
+from .prompts import IGNORE_INDEX, get_prompt_builder, one_turn_prompt, prompt_token_ids
 
 STAGES = ("align", "finetune", "full-align")
 DEFAULT_MAX_NEW_TOKENS = 64  # answer length limit of `generate` / `merv generate` when none is given
@@ -261,9 +261,7 @@ class MervModel(nn.Module):
 
     def build_prompt(self, message: str, system_prompt: str | None = None) -> str:
         """One-turn prompt text in this model's prompt format."""
-        builder = get_prompt_builder(self.prompt_format, self.tokenizer, system_prompt)
-        builder.add_turn("human", message)
-        return builder.get_prompt()
+        return one_turn_prompt(self.prompt_format, self.tokenizer, message, system_prompt)
 
     def _prompt_ids(self, prompt: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:
         if isinstance(prompt, torch.Tensor):
@@ -277,7 +275,7 @@ class MervModel(nn.Module):
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise ValueError("text prompts need a tokenizer: MervModel(..., tokenizer=tok)")
-                rows.append(ensure_bos(self.tokenizer, list(self.tokenizer(p, add_special_tokens=True)["input_ids"])))
+                rows.append(prompt_token_ids(self.tokenizer, p))
             else:
                 rows.append(list(map(int, p)))
         return rows

@@ -193,6 +193,24 @@ def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def one_turn_prompt(fmt: str, tokenizer: Any, message: str, system_prompt: str | None = None) -> str:
+    """The prompt text of a single question in `fmt`, ready for the answer to follow."""
+    builder = get_prompt_builder(fmt, tokenizer, system_prompt)
+    builder.add_turn("human", message)
+    return builder.get_prompt()
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """A prompt text's token ids, starting with exactly one BOS when the tokenizer has one."""
+    return ensure_bos(tokenizer, list(tokenizer(prompt, add_special_tokens=True)["input_ids"]))
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(ids, attention mask) of prompts padded on the left to one length, as generation wants them."""
+    width = max(map(len, rows))
+    return ([[pad_id] * (width - len(r)) + r for r in rows], [[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+
 def ensure_bos(tokenizer: Any, ids: list[int]) -> list[int]:
     """Make sure a sequence starts with exactly one BOS when the tokenizer has one (visual tokens go after it)."""
     bos = getattr(tokenizer, "bos_token_id", None)
