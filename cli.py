@@ -556,7 +556,6 @@ def serve_cmd(
     config = ServeConfig(host=host, port=port, model_name=model_name, api_key=api_key,
                          max_upload_bytes=int(max_upload_mb * 2**20), max_video_seconds=max_video_seconds,
                          max_tokens=max_tokens, allow_local_files=not no_local_files, batch_window_ms=batch_window_ms)
-    err_console.print(f"serving {checkpoint} on http://{host}:{port}/v1 (Ctrl-C stops)", highlight=False)
     serve(checkpoint, config, GenerateOptions(size=size, weights=weights, device=device))
 
 

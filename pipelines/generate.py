@@ -14,8 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from merv import MervError
 from merv.train.model import DEFAULT_MAX_NEW_TOKENS
 from merv.train.online import OnlineEncoders
+
+
+class GenerateOptionsError(MervError, ValueError):
+    """A generation setting outside its range."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,16 @@ class GenerateOptions:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings
     seed: int = 0  # sampling seed, so a sampled answer repeats
+
+    def __post_init__(self) -> None:
+        problems = [f"--{name.replace('_', '-')} {value} {rule}" for name, value, ok, rule in (
+            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "must be at least 1"),
+            ("temperature", self.temperature, self.temperature >= 0, "must be >= 0 (0: greedy)"),
+            ("top_p", self.top_p, 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "must be > 0 (1: none)"),
+        ) if not ok]
+        if problems:
+            raise GenerateOptionsError("; ".join(problems))
 
 
 # A fast tokenizer must not be used from two threads at once (its Rust object is borrowed mutably

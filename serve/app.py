@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -109,6 +110,7 @@ def create_app(session: Any, config: ServeConfig = ServeConfig()) -> Any:
 
     app = FastAPI(title="merv serve", version="1", lifespan=lifespan)
     app.state.engine = engine
+    app.state.model_name = name
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Any) -> Any:
@@ -241,5 +243,7 @@ def serve(checkpoint: str, config: ServeConfig = ServeConfig(), generate_options
     from merv.pipelines.generate import GenerateOptions, GenerationSession
 
     session = GenerationSession(checkpoint, generate_options or GenerateOptions())
-    app = create_app(session, config)
+    app = create_app(session, config)  # a bad checkpoint or encoder fails here, before anything is printed
+    print(f"serving {checkpoint} as {app.state.model_name!r} on http://{config.host}:{config.port}/v1 (Ctrl-C stops)",
+          file=sys.stderr, flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
