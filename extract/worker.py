@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from merv.store import EncoderGroup
     from merv.store.lease import LeaseState
 
+    from .pixels import DecodePlan, EncoderInput
+
 # Fault injection for the tests: when set to a path that does not exist yet, the first shard
 # written in any worker creates it and kills its process after writing one group (mid-shard).
 CRASH_ONCE_ENV = "MERV_TEST_CRASH_ONCE"
@@ -39,7 +41,7 @@ class Decoded:
     """A decoded sample or the reason it could not be decoded (recorded as a failure)."""
 
     row: int
-    frames: np.ndarray | None  # uint8 (T, H, W, 3); T == 1 for images
+    frames: np.ndarray | dict[str, EncoderInput] | None  # uint8 (T, H, W, 3) (T == 1 for images), or per-encoder inputs
     is_image: bool = False
     backend: str = ""
     error: str | None = None
@@ -119,14 +121,23 @@ def decode_sample(source: str, window: tuple[float | None, float | None, int | N
 
 
 def decode_split(source: str, window: tuple[float | None, float | None, int | None], row: int,
-                 num_frames: int, storage_options: dict[str, Any] | None = None,
-                 decoder: str = "auto") -> tuple[Decoded, np.ndarray | None]:
+                 plan: DecodePlan, storage_options: dict[str, Any] | None = None,
+                 decoder: str = "auto") -> tuple[Decoded, np.ndarray | dict[str, EncoderInput] | None]:
     """`decode_sample` as two objects: the small description (with `nbytes`, read by the
-    driver's memory budget) and the frames (passed on to an encoder actor, never to the driver)."""
-    decoded = decode_sample(source, window, row, num_frames, storage_options, decoder)
+    driver's memory budget) and the payload passed on to an encoder actor, never to the driver:
+    each encoder's resized input (`pixels.prepare_inputs`), or the decoded frames when the plan
+    resizes in the encoders."""
+    from .pixels import prepare_inputs, shipped_bytes
+
+    decoded = decode_sample(source, window, row, plan.frames, storage_options, decoder)
     frames, decoded.frames = decoded.frames, None
-    decoded.nbytes = 0 if frames is None else int(frames.nbytes)
-    return decoded, frames
+    payload: np.ndarray | dict[str, EncoderInput] | None = frames
+    if frames is not None and plan.encoders:
+        t0 = time.perf_counter()
+        payload = prepare_inputs(frames, decoded.is_image, plan)
+        decoded.seconds += time.perf_counter() - t0
+    decoded.nbytes = shipped_bytes(payload)
+    return decoded, payload
 
 
 class ShardEncoder:
@@ -161,34 +172,51 @@ class ShardEncoder:
         self._open: dict[tuple[str, int], _ShardBuffer] = {}
 
     # ------------------------------------------------------------------ encoding
-    def encode_clips(self, name: str, clips: list[np.ndarray], is_image: bool) -> list[np.ndarray]:
+    def encode_clips(self, name: str, clips: list[np.ndarray | dict[str, EncoderInput]], is_image: bool) -> list[np.ndarray]:
         """float32 (t, h, w, d) features per clip, pooled to the store grid if asked.
 
-        Clips are batched `batch_size` at a time across videos; each clip is preprocessed on its
-        own (videos differ in resolution), exactly as `FrozenEncoder.encode` would.
+        A clip is the decoded frames or the decode task's per-encoder inputs (`pixels`). Clips are
+        batched `batch_size` at a time across videos; each clip is preprocessed on its own (videos
+        differ in resolution), exactly as `FrozenEncoder.encode` would.
         """
         import torch
 
-        from merv.store.grid import frames_to_encode, pool_grid_torch
-
-        from .video import subsample
+        from merv.store.grid import pool_grid_torch
 
         enc = self.encoders[name]
-        n = frames_to_encode(enc.info.frames, enc.info.framewise, is_image)
         out: list[np.ndarray] = []
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else contextlib.nullcontext())
         for start in range(0, len(clips), max(1, self.config.batch_size)):
             chunk = clips[start : start + self.config.batch_size]
             with torch.inference_mode():
-                pixels = [enc.preprocess(torch.from_numpy(np.ascontiguousarray(subsample(c, n)))[None].to(self.device))
-                          for c in chunk]
+                pixels = [self._pixels(name, c, is_image) for c in chunk]
                 with autocast:
                     feats = enc(torch.cat(pixels)).float()
                 if self.config.pooled:
                     feats = pool_grid_torch(feats, self.config.pooled)
                 out.extend(feats.cpu().numpy())
         return out
+
+    def _pixels(self, name: str, clip: np.ndarray | dict[str, EncoderInput], is_image: bool) -> Any:
+        """Model pixels (1, n, 3, S, S) on the device for one clip of encoder `name`."""
+
+        from merv.extract.preprocess import finish_pixels
+        from merv.store.grid import frames_to_encode
+
+        from .video import subsample
+
+        enc = self.encoders[name]
+        n = frames_to_encode(enc.info.frames, enc.info.framewise, is_image)
+        if isinstance(clip, np.ndarray):
+            return enc.preprocess(_tensor(subsample(clip, n))[None].to(self.device))
+        given = clip[name]
+        if given.frames != n or given.preprocessing != enc.info.preprocessing:
+            raise RuntimeError(f"{name}: the decode task prepared {given.frames} frames with another preprocessing "
+                               "than this encoder's (driver and worker disagree on the encoder)")
+        if given.stage == "frames":
+            return enc.preprocess(_tensor(subsample(given.array, n))[None].to(self.device))
+        return finish_pixels(_tensor(given.array).to(self.device), enc.info.preprocessing)
 
     def _encode_group(self, name: str, ok: list[Decoded], is_image: bool) -> tuple[dict[int, np.ndarray], dict[int, str]]:
         """Features by row; a failing batch falls back to one clip at a time so one bad sample
@@ -287,6 +315,17 @@ class ShardEncoder:
         for i in range(0, len(decoded), step):
             self.encode_batch(kind, shard, group_keys, decoded[i : i + step])
         return self.commit(kind, shard, ids, decoded[0].row)
+
+
+def _tensor(array: np.ndarray) -> Any:
+    """A torch view of an array Ray handed over (read-only: it lives in the object store; only read here)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def shard_bytes(group: EncoderGroup, kind: str, shard: int) -> int:

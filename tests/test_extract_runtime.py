@@ -14,8 +14,10 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from testkit import media as H
@@ -99,15 +101,17 @@ def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
 
 # ----------------------------------------------------------------------------------- bytes bound
 def test_decoded_bytes_in_flight_stay_under_the_budget(ray_session, tmp_path):
-    """Many copies of a 720p clip in ONE shard (the shard size says nothing about frames): the
-    driver keeps the decoded frames alive under --max-inflight-bytes, Ray's object store peaks
-    under it too, and nothing is spilled."""
+    """Many copies of a 720p clip in ONE shard (the shard size says nothing about frames): with
+    full frames shipped (`resize_at=encoder`, the worst case) the driver keeps the decoded frames
+    alive under --max-inflight-bytes, Ray's object store peaks under it too, and nothing is
+    spilled. Resized at decode (the default), the same job holds less than one full-frame sample
+    in the object store, and the features are the same."""
     clip = H.write_video(tmp_path / "hd.mp4", n_frames=1, size=(720, 1280))
     manifest = _manifest(tmp_path, [{"id": f"hd{i:02d}", "path": clip.name} for i in range(12)])
     per_sample = PAPER_DECODE_FRAMES * 720 * 1280 * 3  # one 1-frame clip decodes to 32 frames: 88 MB
     budget = 3 * per_sample
     opts = ExtractOptions(encoders=["dinov2"], size="tiny", grid="2x2", samples_per_shard=64, batch_size=2,
-                          workers=1, max_inflight_bytes=budget)
+                          workers=1, max_inflight_bytes=budget, resize_at="encoder")
     summary = run_extraction(str(manifest), str(tmp_path / "hd.zarr"), opts, show_progress=False)
     assert summary.ok and summary.extracted == 12 and summary.shards == 1
     assert summary.inflight_budget_bytes == budget
@@ -115,6 +119,16 @@ def test_decoded_bytes_in_flight_stay_under_the_budget(ray_session, tmp_path):
     assert summary.object_store_peak_bytes is not None and summary.spilled_bytes == 0
     assert per_sample <= summary.object_store_peak_bytes <= budget + 32 * 2**20
     assert verify_store(FeatureStore.open(str(tmp_path / "hd.zarr"))).ok
+
+    resized = run_extraction(str(manifest), str(tmp_path / "resized.zarr"), replace(opts, resize_at="decode"),
+                             show_progress=False)
+    assert resized.ok and resized.extracted == 12
+    crop = 16 * 3 * 56 * 56  # tiny dinov2: 16 frames of its 56 px crop, uint8
+    assert crop <= resized.peak_inflight_bytes <= 12 * crop
+    assert resized.object_store_peak_bytes is not None and resized.object_store_peak_bytes < per_sample
+    got = FeatureStore.open(str(tmp_path / "resized.zarr")).resolve("dinov2").array("video")[:]
+    want = FeatureStore.open(str(tmp_path / "hd.zarr")).resolve("dinov2").array("video")[:]
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
 def test_parse_bytes_units():

@@ -61,7 +61,7 @@ def _decoded(store: FeatureStore, kind: str, rows: range):
 
 def test_shard_encoder_writes_whole_shards_with_failures(tmp_path):
     (store, keys, frames), opts = _store_with_media(tmp_path, ["siglip", "languagebind"])
-    assert frames == PAPER_DECODE_FRAMES
+    assert frames.frames == PAPER_DECODE_FRAMES
     config = WorkerConfig(["siglip", "languagebind"], {store.group(k).name: k for k in keys}, size="tiny", batch_size=2)
     worker = ShardEncoder(config, store.url)
     ids, decoded = _decoded(store, "video", range(0, 3))

@@ -54,6 +54,7 @@ class OptionScores:
     sums: list[list[float]]
     counts: list[list[int]]
     fusion_weights: torch.Tensor | None  # (B, E), one row per prompt
+    greedy: list[list[bool]] = field(default_factory=list)  # every answer token is the argmax (lmms-eval's is_greedy)
 
     def normalized(self, norm: str = "mean") -> list[list[float]]:
         """Scores to compare options by: "mean" per answer token (options differ in length) or "sum"."""
@@ -369,10 +370,12 @@ class MervModel(nn.Module):
         valid = target != IGNORE_INDEX
         token_lp = F.log_softmax(logits.float(), dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
         sums, counts = token_lp.sum(-1).cpu().tolist(), valid.sum(-1).cpu().tolist()
-        out = OptionScores([[] for _ in messages], [[] for _ in messages], None)
+        greedy = ((logits.argmax(-1) == target) | ~valid).all(-1).cpu().tolist()
+        out = OptionScores([[] for _ in messages], [[] for _ in messages], None, [[] for _ in messages])
         for i, j in enumerate(owner):
             out.sums[j].append(float(sums[i]))
             out.counts[j].append(int(counts[i]))
+            out.greedy[j].append(bool(greedy[i]))
         if weights is not None:
             first = torch.tensor([owner.index(j) for j in range(len(messages))], device=weights.device)
             out.fusion_weights = weights.index_select(0, first)

@@ -7,7 +7,7 @@
 """
 
 from .base import EncoderInfo, FrozenEncoder, library_versions
-from .preprocess import Preprocessing, preprocess_frames
+from ..preprocess import Preprocessing, preprocess_frames
 from .registry import ENCODERS, PAPER_ENCODERS, EncoderEntry, build_encoder
 from .weights import WeightsError, WeightsNotFoundError, resolve_weights
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .preprocess import Preprocessing
+from ..preprocess import Preprocessing
 
 T = TypeVar("T")
 

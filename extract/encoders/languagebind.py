@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import EncoderInfo, FrozenEncoder, seeded, size_variant
-from .preprocess import Preprocessing
+from ..preprocess import Preprocessing
 from .weights import (
     WeightsError,
     assign_state_dict,

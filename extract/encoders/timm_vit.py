@@ -18,7 +18,7 @@ from timm.models import get_pretrained_cfg
 from torch import nn
 
 from .base import EncoderInfo, FrozenEncoder, seeded, size_variant
-from .preprocess import Preprocessing
+from ..preprocess import Preprocessing
 from .weights import assign_state_dict, load_state_dict, weights_identity, weights_to_load
 
 ARCH_KEYS = ("embed_dim", "depth", "num_heads", "img_size")  # the rest of a variant is recorded as `extra`

@@ -22,7 +22,7 @@ from transformers import VivitConfig, VivitModel
 from transformers.utils import logging as hf_logging
 
 from .base import EncoderInfo, FrozenEncoder, seeded, size_variant
-from .preprocess import Preprocessing
+from ..preprocess import Preprocessing
 from .weights import WEIGHT_FILES, WeightsError, weights_identity, weights_to_load
 
 NAME = "vivit"

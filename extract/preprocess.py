@@ -80,6 +80,29 @@ def _center_crop(x: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
 
 def preprocess_frames(frames: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
     """Apply `spec` to uint8 frames (B, T, H, W, 3); returns float32 (B, T, 3, h, w)."""
+    return finish_pixels(resize_frames(frames, spec), spec)
+
+
+def resized_frame_bytes(spec: Preprocessing) -> int:
+    """Bytes of one frame of `resize_frames`' output (always the crop size, whatever the source)."""
+    h, w = spec.crop
+    return 3 * int(h) * int(w) * (1 if keeps_uint8(spec) else 4)
+
+
+def keeps_uint8(spec: Preprocessing) -> bool:
+    """The resize stage ends on uint8 levels (PIL pipelines): its output is exactly a uint8 image."""
+    return spec.order == "resize_then_normalize" and spec.quantize
+
+
+def resize_frames(frames: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    """The resolution-dependent half of `spec`: uint8 (B, T, H, W, 3) -> (B, T, 3, crop_h, crop_w).
+
+    uint8 when the pipeline re-quantises after resizing (then the result is exactly what
+    `preprocess_frames` normalises); float32 otherwise (LanguageBind normalises before resizing,
+    so its resized pixels are already the model input). Split from `finish_pixels` so extraction's
+    decode tasks can ship resized frames instead of full-resolution ones (`extract/pixels.py`):
+    every operation is per pixel or per frame, so the split changes no number.
+    """
     if frames.dim() != 5 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames (B, T, H, W, 3), got shape {tuple(frames.shape)}")
     if frames.dtype != torch.uint8:
@@ -87,22 +110,34 @@ def preprocess_frames(frames: torch.Tensor, spec: Preprocessing) -> torch.Tensor
     b, t, h, w, _ = frames.shape
     flat = frames.reshape(b * t, h, w, 3).permute(0, 3, 1, 2)
     out_hw = _resized_shape(h, w, spec)
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=frames.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=frames.device).view(1, 3, 1, 1)
     chunks = []
     for i in range(0, flat.shape[0], CHUNK_FRAMES):
         x = flat[i : i + CHUNK_FRAMES].float()
         if spec.order == "normalize_then_resize":
-            x = (x / 255.0 - mean) / std
-            x = _resize(x, out_hw, spec)
+            x = _resize(_normalize(x, spec), out_hw, spec)
         else:
             x = _resize(x, out_hw, spec)
             if spec.quantize:
                 x = x.round().clamp_(0, 255)
-            x = (x / 255.0 - mean) / std
-        chunks.append(_center_crop(x, spec.crop))
+        x = _center_crop(x, spec.crop)
+        chunks.append(x.to(torch.uint8) if keeps_uint8(spec) else x)
     out = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
     return out.reshape(b, t, 3, *out.shape[-2:]).contiguous()
+
+
+def finish_pixels(x: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    """The rest of `spec` on `resize_frames`' output: float32 (B, T, 3, h, w) model pixels."""
+    if spec.order == "normalize_then_resize":
+        return x
+    b, t = x.shape[:2]
+    flat = _normalize(x.reshape(b * t, *x.shape[2:]).float(), spec)
+    return flat.reshape(x.shape).contiguous()
+
+
+def _normalize(x: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (x / 255.0 - mean) / std
 
 
 def _resize(x: torch.Tensor, out_hw: tuple[int, int], spec: Preprocessing) -> torch.Tensor:

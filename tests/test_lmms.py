@@ -1,0 +1,275 @@
+"""lmms-eval's own entry point with `--model merv` on a tiny export: a local task (YAML + JSON +
+generated videos), generation and multiple choice, from the videos and from a feature store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from testkit import llm as H
+from testkit import media as M
+
+pytestmark = pytest.mark.integration  # lmms-eval in subprocesses
+
+pytest.importorskip("lmms_eval")
+ENCODERS = ("dinov2", "vivit")
+QUESTIONS = ["What is shown?", "Which way does it move?", "What colour is it?"]
+
+UTILS = '''
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def doc_to_visual(doc):
+    return [os.path.join(HERE, doc["video"])]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def doc_to_choice(doc):
+    return doc["options"]
+
+
+def doc_to_target(doc):
+    return doc["options"].index(doc["answer"])
+
+
+def doc_to_answer(doc):
+    return doc["answer"]
+'''
+
+GEN_TASK = '''
+task: merv_tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: data.jsonl
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: !function utils.doc_to_answer
+generation_kwargs:
+  max_new_tokens: 6
+  temperature: 0
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 0.0
+'''
+
+MC_TASK = '''
+task: merv_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: data.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_choice: !function utils.doc_to_choice
+doc_to_target: !function utils.doc_to_target
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 0.0
+'''
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    """A tiny export over two tiny real encoders, a task directory with three generated videos, and
+    a store extracted from those videos (native grids, as the export expects)."""
+    from merv.extract.encoders import build_encoder
+    from merv.train.connector import ConnectorConfig
+    from merv.train.export import save_merv
+    from merv.train.specs import FeatureSpec
+
+    root = tmp_path_factory.mktemp("lmms")
+    specs = [FeatureSpec(n, tuple(build_encoder(n, size="tiny").info.grid), build_encoder(n, size="tiny").info.dim)
+             for n in ENCODERS]
+    model, _ = H.build_tiny_merv(specs=specs, connector_config=ConnectorConfig(tokens_per_frame=4, fusion_embed_dim=48),
+                                 seed=3)
+    export = root / "export"
+    save_merv(model, export, extra={"recipe": "tiny", "encoder_size": "tiny"})
+    tasks = root / "tasks"
+    tasks.mkdir()
+    rows = []
+    for i, question in enumerate(QUESTIONS):
+        video = M.write_video(tasks / f"clip{i}.mp4", n_frames=12 + 4 * i, size=(48, 64), noise=4 + i)
+        rows.append({"id": f"clip{i}", "video": video.name, "question": question,
+                     "options": ["red", "green", "blue"], "answer": ["red", "green", "blue"][i]})
+    (tasks / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "utils.py").write_text(UTILS)
+    (tasks / "merv_tiny_gen.yaml").write_text(GEN_TASK)
+    (tasks / "merv_tiny_mc.yaml").write_text(MC_TASK)
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"id": r["id"], "path": str(tasks / r["video"])}) + "\n" for r in rows))
+    store = root / "features.zarr"
+    _extract_in_process(manifest, store)
+    return {"export": export, "tasks": tasks, "store": store, "root": root}
+
+
+def _extract_in_process(manifest: Path, store_url: Path) -> None:
+    """`merv extract`'s planning and shard encoder without Ray (the Ray path has its own tests)."""
+    from merv.extract.job import ExtractOptions, prepare_store
+    from merv.extract.worker import ShardEncoder, WorkerConfig, decode_split
+
+    opts = ExtractOptions(encoders=list(ENCODERS), size="tiny", grid="native")
+    store, keys, plan = prepare_store(str(manifest), str(store_url), opts)
+    worker = ShardEncoder(WorkerConfig(list(ENCODERS), {store.group(k).name: k for k in keys}, size="tiny"), store.url)
+    table = store.samples
+    for shard in range(store.group(keys[0]).num_shards("video")):
+        rows = store.group(keys[0]).shard_range("video", shard)
+        idx = table.indices_of_rows("video", rows)
+        decoded = []
+        for i, row in zip(idx, rows):
+            rec = table.record(int(i))
+            d, payload = decode_split(rec.source, (rec.start, rec.end, rec.end_frame), row, plan)
+            d.frames = payload
+            decoded.append(d)
+        result = worker.process("video", shard, keys, [table.ids[int(i)] for i in idx], decoded)
+        assert not result.failed
+
+
+def _run_lmms_eval(setup: dict[str, Path], out: Path, model_args: str, tasks: str,
+                   model: str = "merv") -> tuple[dict, dict[str, dict], str]:
+    """`python -m lmms_eval` as a user runs it (offline); returns the results, the logged samples
+    by task and doc id, and the log."""
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(out / "hf"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", tasks,
+           "--include_path", str(setup["tasks"]), "--output_path", str(out), "--batch_size", "2", "--log_samples",
+           "--verbosity", "DEBUG"]  # DEBUG: lmms-eval re-raises a failure (exit 1) instead of logging it and exiting 0
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = list(out.rglob("*_results.json"))
+    assert len(results) == 1, (results, proc.stderr[-2000:])
+    samples = {t: {row["doc_id"]: row for row in map(json.loads, p.read_text().splitlines())}
+               for t in tasks.split(",") for p in out.rglob(f"*_samples_{t}.jsonl")}
+    return json.loads(results[0].read_text()), samples, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def session(setup):
+    from merv.pipelines.generate import GenerateOptions, GenerationSession
+
+    return GenerationSession(str(setup["export"]), GenerateOptions(max_new_tokens=6))
+
+
+@pytest.fixture(scope="module")
+def answers(setup, session) -> list[str]:
+    """`merv generate`'s answers to the task's questions (greedy, the task's max_new_tokens), cut
+    at lmms-eval's default stop string."""
+    return [session.answer(str(setup["tasks"] / f"clip{i}.mp4"), q).split("\n\n")[0].strip()
+            for i, q in enumerate(QUESTIONS)]
+
+
+def test_lmms_eval_runs_merv_from_videos_then_from_the_store(setup, session, answers, tmp_path):
+    results, samples, log = _run_lmms_eval(setup, tmp_path / "videos", f"pretrained={setup['export']}",
+                                      "merv_tiny_gen,merv_tiny_mc")
+    assert set(results["results"]) == {"merv_tiny_gen", "merv_tiny_mc"}
+    assert 0.0 <= results["results"]["merv_tiny_gen"]["exact_match,none"] <= 1.0
+    assert 0.0 <= results["results"]["merv_tiny_mc"]["acc,none"] <= 1.0
+    assert "3 decoded and encoded" in log
+
+    # the answers are `merv generate`'s for the same video and question
+    assert sorted(samples["merv_tiny_gen"]) == list(range(len(QUESTIONS)))
+    assert [_text(samples["merv_tiny_gen"][i]) for i in range(len(QUESTIONS))] == answers
+
+    # the multiple-choice pick is the option `merv eval --mode loglik` would pick (highest mean log-likelihood)
+    model = session.model
+    for i, question in enumerate(QUESTIONS):
+        feats = session.features(str(setup["tasks"] / f"clip{i}.mp4"))
+        scores = model.option_loglikelihoods(feats, [question], [["red", "green", "blue"]]).normalized("mean")[0]
+        nll = [float(r[0]) for r in samples["merv_tiny_mc"][i]["filtered_resps"]]
+        assert [round(-s, 4) for s in scores] == [round(v, 4) for v in nll], i
+
+    # from the store, with the videos moved away: the same answers, so nothing was decoded
+    hidden = setup["root"] / "hidden"
+    hidden.mkdir()
+    for i in range(len(QUESTIONS)):
+        shutil.move(setup["tasks"] / f"clip{i}.mp4", hidden / f"clip{i}.mp4")
+    try:
+        cached, cached_samples, cached_log = _run_lmms_eval(setup, tmp_path / "store",
+                                                f"pretrained={setup['export']},store={setup['store']}",
+                                                "merv_tiny_gen,merv_tiny_mc")
+    finally:
+        for i in range(len(QUESTIONS)):
+            shutil.move(hidden / f"clip{i}.mp4", setup["tasks"] / f"clip{i}.mp4")
+    assert "3 visuals read from the store" in cached_log and "0 decoded" in cached_log
+    assert cached["results"]["merv_tiny_gen"] == results["results"]["merv_tiny_gen"]
+    assert cached["results"]["merv_tiny_mc"] == results["results"]["merv_tiny_mc"]
+    for task in ("merv_tiny_gen", "merv_tiny_mc"):
+        assert ({i: r["filtered_resps"] for i, r in cached_samples[task].items()}
+                == {i: r["filtered_resps"] for i, r in samples[task].items()})
+
+
+def test_bad_model_args_are_one_clear_error(setup):
+    from merv.lmms.model import MervLMM
+
+    with pytest.raises(ValueError, match="pretrianed.*not an option of the merv model"):
+        MervLMM(pretrianed=str(setup["export"]))
+    with pytest.raises(ValueError, match="needs pretrained="):
+        MervLMM(store=str(setup["store"]))
+
+
+def _text(sample: dict) -> str:
+    got = sample["filtered_resps"]
+    return (got[0] if isinstance(got, list) else got).split("\n\n")[0].strip()
+
+
+@pytest.fixture
+def server(setup):
+    """`merv serve` on the export, on a free port of 127.0.0.1."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "merv.cli", "serve", str(setup["export"]), "--port", str(port), "--api-key", "sk-lmms",
+           "--model-name", "merv-tiny"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]  # type: ignore[union-attr]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.3)
+        yield f"{base}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_lmms_eval_openai_model_against_merv_serve(setup, server, answers, tmp_path):
+    """lmms-eval's own OpenAI-compatible model, pointed at `merv serve` (videos passed by path),
+    runs the task and gets `merv generate`'s answers."""
+    args = f"model_version=merv-tiny,base_url={server},api_key=sk-lmms,pass_video_url=true,max_retries=1"
+    env_out = tmp_path / "openai"
+    results, samples, _ = _run_lmms_eval(setup, env_out, args, "merv_tiny_gen", model="openai")
+    assert 0.0 <= results["results"]["merv_tiny_gen"]["exact_match,none"] <= 1.0
+    assert [_text(samples["merv_tiny_gen"][i]) for i in range(len(QUESTIONS))] == answers
