@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from merv import MervError
 
-from .engine import Engine, Job
+from .engine import Engine, Job, StreamClosed
 from .media import MediaError, check_video, local_media
 
 
@@ -101,7 +102,7 @@ def create_app(session: Any, config: ServeConfig = ServeConfig()) -> Any:
     session.model  # noqa: B018 - load the LLM before the first request, not during it
     name = config.model_name or _default_name(session.checkpoint)
     engine = Engine(session, max_batch=config.max_batch, window_s=config.batch_window_ms / 1000)
-    admitted = threading.BoundedSemaphore(config.max_pending)
+    admitted = Slots(config.max_pending)
     created = int(time.time())
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> Any:
@@ -121,7 +122,8 @@ def create_app(session: Any, config: ServeConfig = ServeConfig()) -> Any:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "generations": sum(engine.batches), "batches": len(engine.batches)}
+        return {"status": "ok", "model": name, "generations": sum(engine.batches), "batches": len(engine.batches),
+                "in_flight": admitted.used, "streams_closed_early": engine.closed_early}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -138,7 +140,7 @@ def create_app(session: Any, config: ServeConfig = ServeConfig()) -> Any:
         if body.get("model") != name:
             return _error(404, f"model {body.get('model')!r} does not exist here; this server serves {name!r}",
                           "model_not_found")
-        if not admitted.acquire(blocking=False):
+        if not admitted.acquire():
             return _error(429, "too many requests in flight; retry shortly", "rate_limit_exceeded")
         try:
             question, system, url, opts = _parse(body)
@@ -202,10 +204,60 @@ def _prepare(session: Any, question: str, system: str | None, url: str | None, o
 
 
 def _stream(engine: Engine, job: Job, name: str, request_id: str, prompt_tokens: int,
-            admitted: threading.BoundedSemaphore) -> Any:
-    """Server-sent events of a streaming completion (OpenAI's chunk format, then [DONE])."""
+            admitted: Slots) -> Any:
+    """Server-sent events of a streaming completion (OpenAI's chunk format, then [DONE]).
+
+    The request's slot is released exactly once: when the stream ends or is closed, or, for a
+    stream never started (the client left before the first byte), when the generator is collected.
+    A client that disconnects mid-stream stops its generation at the next token."""
+    release = _once(admitted.release)
+    events = _events(engine, job, name, request_id, release)
+    weakref.finalize(events, release)
+    return events
+
+
+class Slots:
+    """Requests admitted at once (`max_pending`; more get 429), counted for /health."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.used = size, 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self.used >= self.size:
+                return False
+            self.used += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.used -= 1
+
+
+def _once(fn: Any) -> Any:
+    lock, done = threading.Lock(), [False]
+
+    def call() -> None:
+        with lock:
+            if done[0]:
+                return
+            done[0] = True
+        fn()
+
+    return call
+
+
+def _events(engine: Engine, job: Job, name: str, request_id: str, release: Any) -> Any:
     pieces: queue.Queue[str | None] = queue.Queue()
-    job.on_text = pieces.put
+    closed = threading.Event()
+
+    def on_text(piece: str) -> None:
+        if closed.is_set():
+            raise StreamClosed("the client closed the stream")
+        pieces.put(piece)
+
+    job.on_text = on_text
     future = engine.submit(job)
     future.add_done_callback(lambda _: pieces.put(None))
 
@@ -225,8 +277,11 @@ def _stream(engine: Engine, job: Job, name: str, request_id: str, prompt_tokens:
         else:
             yield chunk({}, future.result().finish_reason)
         yield "data: [DONE]\n\n"
+    except GeneratorExit:  # the client went away: stop generating for it
+        closed.set()
+        raise
     finally:
-        admitted.release()
+        release()
 
 
 def _default_name(checkpoint: str) -> str:

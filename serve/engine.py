@@ -19,6 +19,10 @@ from typing import Any
 from merv.pipelines.generate import Answer, GenerateOptions, GenerationSession
 
 
+class StreamClosed(RuntimeError):
+    """The client of a streaming request went away: its generation stops at the next token."""
+
+
 @dataclass
 class Job:
     prompt: list[int]
@@ -37,6 +41,7 @@ class Engine:
         self.max_batch = max_batch
         self.window_s = window_s
         self.batches: list[int] = []  # sizes of the batches run (the tests read it)
+        self.closed_early = 0  # streams whose client left before the end (their generation stopped)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="merv-engine", daemon=True)
         self._thread.start()
@@ -75,6 +80,8 @@ class Engine:
             answers: list[Answer] = self.session.generate([j.prompt for j in jobs], features, jobs[0].opts,
                                                           jobs[0].on_text)
         except Exception as exc:  # noqa: BLE001 - reported to each request; the engine keeps serving
+            if isinstance(exc, StreamClosed):
+                self.closed_early += 1
             for job in jobs:
                 job.future.set_exception(exc)
             return

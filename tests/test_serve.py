@@ -149,6 +149,30 @@ def test_concurrent_requests_share_one_batched_forward(server, media):
     assert after["batches"] - before["batches"] < 4  # at least two of them went through one generate
 
 
+def _health(server: str) -> dict:
+    import json
+
+    with urllib.request.urlopen(f"{server}/health") as r:
+        return json.load(r)
+
+
+def test_a_closed_stream_stops_its_generation_and_frees_its_slot(server, media):
+    """A client that reads one chunk of a long stream and leaves: the server stops generating for it
+    at the next token and the request's slot is free again (no leak), then it serves as before."""
+    client = _client(server)
+    before = _health(server)
+    stream = _ask(client, str(media["video"]), stream=True, max_tokens=400)
+    first = next(c for c in stream if c.choices and c.choices[0].delta.content)
+    assert first.choices[0].delta.content
+    stream.close()
+    deadline = time.monotonic() + 60
+    while (health := _health(server))["in_flight"] or health["streams_closed_early"] == before["streams_closed_early"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+    assert health["streams_closed_early"] == before["streams_closed_early"] + 1
+    assert _ask(client, str(media["video"])).choices[0].message.content
+
+
 def _status_of(call) -> int:
     try:
         call()
