@@ -4,15 +4,14 @@ moto's S3 server): exactly one winner, expiry and takeover, heartbeats, release,
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue as _queue
 import time
-from typing import Any
 
 import numpy as np
 import pytest
+from testkit import procs
 
-from merv.store import EncoderGroupSpec, FeatureStore, SampleRecord
+from merv.store import FeatureStore, SampleRecord
 from merv.store import lease as L
 from merv.store.errors import LeaseLostError, StoreBusyError
 from merv.store.group import lease_key
@@ -20,7 +19,7 @@ from merv.store.kv import GroupKV
 from merv.store.store import METADATA_LEASE
 
 RACERS = 4  # processes per race: enough to collide, few enough for two cores
-JOIN_S = 240
+JOIN_S = procs.JOIN_S
 
 
 class FakeClock:
@@ -42,14 +41,14 @@ def clock(monkeypatch) -> FakeClock:
 
 def _local_kv(tmp_path) -> tuple[str, dict | None]:
     url = str(tmp_path / "s.zarr")
-    FeatureStore.create(url, samples_per_shard=2).ensure_group(_spec())
+    FeatureStore.create(url, samples_per_shard=2).ensure_group(procs.lease_spec())
     return url, None
 
 
 def _s3_kv(s3_server) -> tuple[str, dict | None]:
     url = f"s3://{s3_server['new_bucket']()}/s.zarr"
     opts = s3_server["storage_options"]
-    FeatureStore.create(url, samples_per_shard=2, storage_options=opts).ensure_group(_spec())
+    FeatureStore.create(url, samples_per_shard=2, storage_options=opts).ensure_group(procs.lease_spec())
     return url, opts
 
 
@@ -61,8 +60,6 @@ def where(request, tmp_path) -> tuple[str, dict | None]:
     return _s3_kv(request.getfixturevalue("s3_server"))
 
 
-def _spec() -> EncoderGroupSpec:
-    return EncoderGroupSpec("dinov2", "fp-a", (2, 2, 2), 4, framewise=True)
 
 
 def _group_kv(url: str, opts: dict | None) -> GroupKV:
@@ -70,28 +67,24 @@ def _group_kv(url: str, opts: dict | None) -> GroupKV:
 
 
 # --------------------------------------------------------------------------- racing processes
-def _race(url: str, opts: dict | None, shard: int, owner: str, barrier: Any, out: Any) -> None:
-    group = FeatureStore.open(url, mode="a", storage_options=opts).resolve("dinov2")
-    barrier.wait(JOIN_S)
-    got = group.try_lease("video", shard, owner=owner, ttl=3600)
-    out.put(("won", owner, got.generation) if isinstance(got, L.Lease) else ("held", got.owner, -1))
 
 
 def _run_race(url: str, opts: dict | None, shard: int) -> list[tuple[str, str, int]]:
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(RACERS), ctx.Queue()
-    procs = [ctx.Process(target=_race, args=(url, opts, shard, f"racer-{i}", barrier, out)) for i in range(RACERS)]
-    for p in procs:
+    racers = [ctx.Process(target=procs.race_for_lease, args=(url, opts, shard, f"racer-{i}", barrier, out))
+              for i in range(RACERS)]
+    for p in racers:
         p.start()
     results = []
-    for _ in procs:
+    for _ in racers:
         try:
             results.append(out.get(timeout=JOIN_S))
         except _queue.Empty:
             break
-    for p in procs:
+    for p in racers:
         p.join(JOIN_S)
-    assert [p.exitcode for p in procs] == [0] * RACERS
+    assert [p.exitcode for p in racers] == [0] * RACERS
     return results
 
 
@@ -212,13 +205,6 @@ def test_all_or_none_of_several_leases(tmp_path):
 
 
 # --------------------------------------------------------------------------- the store's metadata lock
-def _grow(url: str, opts: dict | None, ids: list[str], barrier: Any) -> None:
-    barrier.wait(JOIN_S)
-    store = FeatureStore.open_or_create(url, samples_per_shard=2, storage_options=opts)
-    store.add_samples([SampleRecord(i, f"/videos/{i}.mp4", kind="image" if i.startswith("img") else "video")
-                       for i in ids])
-    store.ensure_group(_spec())
-    store.ensure_group(EncoderGroupSpec("siglip", "fp-s", (2, 2, 2), 4, framewise=True))
 
 
 @pytest.mark.integration
@@ -234,12 +220,12 @@ def test_concurrent_open_or_create_and_add_samples_give_one_consistent_store(bac
              common + [f"a{i}" for i in range(3)]]
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(len(lists))
-    procs = [ctx.Process(target=_grow, args=(url, opts, ids, barrier)) for ids in lists]
-    for p in procs:
+    growers = [ctx.Process(target=procs.grow_store, args=(url, opts, ids, barrier)) for ids in lists]
+    for p in growers:
         p.start()
-    for p in procs:
+    for p in growers:
         p.join(JOIN_S)
-    assert [p.exitcode for p in procs] == [0] * len(lists)
+    assert [p.exitcode for p in growers] == [0] * len(lists)
     store = FeatureStore.open(url, storage_options=opts)
     table = store.samples
     want = set().union(*map(set, lists))
@@ -269,16 +255,12 @@ def test_a_held_metadata_lock_refuses_with_who_and_since(tmp_path):
     assert FeatureStore.open(url).samples.ids == ["v0", "v1"]
 
 
-def _crash_holding_the_lock(url: str) -> None:
-    store = FeatureStore.open(url, mode="a")
-    L.acquire(GroupKV(store.root), METADATA_LEASE, ttl=1.0)
-    os._exit(3)  # killed while holding it: no release, no heartbeat
 
 
 def test_a_crashed_holders_metadata_lock_expires(tmp_path):
     url = str(tmp_path / "s.zarr")
     FeatureStore.create(url, samples_per_shard=2)
-    proc = mp.get_context("spawn").Process(target=_crash_holding_the_lock, args=(url,))
+    proc = mp.get_context("spawn").Process(target=procs.crash_holding_the_lock, args=(url,))
     proc.start()
     proc.join(JOIN_S)
     assert proc.exitcode == 3
@@ -292,7 +274,7 @@ def test_overwrite_under_the_lock_leaves_a_fresh_store(tmp_path):
     url = str(tmp_path / "s.zarr")
     old = FeatureStore.create(url, samples_per_shard=2)
     old.add_samples([SampleRecord("v0", "/v0.mp4")])
-    old.ensure_group(_spec())
+    old.ensure_group(procs.lease_spec())
     new = FeatureStore.create(url, samples_per_shard=3, overwrite=True)
     again = FeatureStore.open(url)
     assert len(again.samples) == 0 and again.encoder_keys() == [] and again.meta.samples_per_shard["video"] == 3
@@ -301,17 +283,6 @@ def test_overwrite_under_the_lock_leaves_a_fresh_store(tmp_path):
     assert FeatureStore.open(url).samples.ids == ["v1"]
 
 
-def _hold_then_exit(url: str, key: str, started, release_evt) -> None:
-    """Take a lease and keep it (alive, no heartbeats needed within the ttl), or die holding it."""
-    from merv.store import FeatureStore as _FS
-
-    kv = GroupKV(_FS.open(url, mode="a").root)
-    got = L.try_acquire(kv, key, ttl=600)
-    assert isinstance(got, L.Lease)
-    started.set()
-    if release_evt is None:
-        os._exit(0)  # killed while holding: no release, heartbeat still fresh
-    release_evt.wait(120)
 
 
 def test_a_lease_of_a_dead_process_on_this_machine_is_taken_over_at_once(tmp_path):
@@ -321,7 +292,7 @@ def test_a_lease_of_a_dead_process_on_this_machine_is_taken_over_at_once(tmp_pat
     kv = GroupKV(FeatureStore.open(url, mode="a").root)
     ctx = mp.get_context("spawn")
     started, release = ctx.Event(), ctx.Event()
-    alive = ctx.Process(target=_hold_then_exit, args=(url, "leases/x", started, release))
+    alive = ctx.Process(target=procs.hold_then_exit, args=(url, "leases/x", started, release))
     alive.start()
     assert started.wait(JOIN_S)
     held = L.try_acquire(kv, "leases/x", ttl=600)
@@ -329,7 +300,7 @@ def test_a_lease_of_a_dead_process_on_this_machine_is_taken_over_at_once(tmp_pat
     release.set()
     alive.join(JOIN_S)
     started = ctx.Event()
-    dead = ctx.Process(target=_hold_then_exit, args=(url, "leases/y", started, None))
+    dead = ctx.Process(target=procs.hold_then_exit, args=(url, "leases/y", started, None))
     dead.start()
     assert started.wait(JOIN_S)
     dead.join(JOIN_S)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from testkit import procs
 from typer.testing import CliRunner
 
 from merv.cli import app
@@ -314,13 +315,6 @@ def test_growing_the_sample_table_keeps_full_shards_and_reopens_the_partial_one(
 
 
 # --------------------------------------------------------------------------- processes
-def _write_shards(path: str, shards: list[int]) -> None:
-    st = FeatureStore.open(path, mode="a")
-    group = st.resolve("dinov2")
-    for shard in shards:
-        rows = group.shard_range("video", shard)
-        x = np.stack([np.full((*GRID, DIM), row, np.float16) for row in rows])
-        group.write_shard("video", shard, x)
 
 
 @pytest.mark.integration
@@ -330,10 +324,10 @@ def test_two_processes_writing_different_shards_verify_clean(tmp_path):
     st.add_samples([SampleRecord(f"v{i}", f"/v{i}") for i in range(16)])
     st.ensure_group(spec())
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_write_shards, args=(path, list(range(k, 8, 2)))) for k in (0, 1)]
-    for p in procs:
+    writers = [ctx.Process(target=procs.write_shards, args=(path, list(range(k, 8, 2)), GRID, DIM)) for k in (0, 1)]
+    for p in writers:
         p.start()
-    for p in procs:
+    for p in writers:
         p.join(120)
         assert p.exitcode == 0
     st = FeatureStore.open(path)
