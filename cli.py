@@ -165,9 +165,7 @@ def store_info_cmd(
                           str(s["failed"]), str(s["pending"]), "-" if bps is None else f"{bps / 1024:.1f}")
     console.print(table)
     for g in info["encoders"]:
-        codecs = "; ".join(f"{name}: {chain}" for name, chain in g["codecs"].items())
-        console.print(f"{g['key']}: fingerprint {g['fingerprint']}, {g['bytes_on_disk'] / 2**20:.2f} MiB on disk, "
-                      f"codecs {codecs}")
+        console.print(f"{g['key']}: fingerprint {g['fingerprint']}, {g['bytes_on_disk'] / 2**20:.2f} MiB on disk")
 
 
 @store_app.command("verify")
