@@ -109,7 +109,8 @@ class MervForConditionalGeneration(MervPreTrainedModel, GenerationMixin):
         if tokenizer is not None and self.config.visual_after_bos:
             bos = tokenizer.bos_token_id
         model = MervModel(self.connector, self.llm, tokenizer=tokenizer, bos_token_id=bos,
-                          prompt_format=self.config.prompt_format, llm_source=self.config.llm_source)
+                          prompt_format=self.config.prompt_format, llm_source=self.config.llm_source,
+                          visual_anchor=self._visual_anchor())
         model.encoders = [dict(e) for e in self.config.encoders if e.get("fingerprint")]
         return model
 
@@ -122,9 +123,13 @@ class MervForConditionalGeneration(MervPreTrainedModel, GenerationMixin):
 
             bos = self.config.bos_token_id if self.config.visual_after_bos else None
             view = MervModel(self.connector, self.llm, bos_token_id=bos, prompt_format=self.config.prompt_format,
-                             llm_source=self.config.llm_source)
+                             llm_source=self.config.llm_source, visual_anchor=self._visual_anchor())
             self.__dict__["_merv_view"] = view
         return view
+
+    def _visual_anchor(self) -> list[int] | None:
+        """Where the visual tokens go without BOS, as trained (exports before the anchor: first)."""
+        return getattr(self.config, "visual_anchor", None)
 
     # --- transformers plumbing ---------------------------------------------------------------------
 
@@ -250,6 +255,7 @@ def config_of(model: MervModel, *, encoders: list[dict[str, Any]] | None = None,
         llm_source=model.llm_source,
         llm_saved=llm_saved,
         visual_after_bos=model.bos_token_id is not None,
+        visual_anchor=list(model.visual_anchor) if model.visual_anchor else None,
         recipe=recipe,
         bos_token_id=model.bos_token_id,
         eos_token_id=tok.eos_token_id if tok is not None else text_config.eos_token_id,

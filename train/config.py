@@ -120,12 +120,15 @@ class ModelConfig:
         return model
 
     def report(self, seq_len: int | None = None) -> Any:
-        """Parameters and FLOPs per sample at paper size, from a meta build (no weights)."""
+        """Parameters and FLOPs per sample at paper size, from a meta build (no weights); the LLM's
+        shape is its config kept in code (merv.train.llm_configs), as trained."""
         from .accounting import model_report
+        from .llm_configs import sizing_config
 
         if seq_len is not None and seq_len < 1:
             raise ConfigError(f"seq_len {seq_len} (--seq-len) must be a positive token count")
-        return model_report(self.feature_specs(), self.connector, seq_len=seq_len or self.llm.max_length)
+        return model_report(self.feature_specs(), self.connector, sizing_config(self.llm.name),
+                            seq_len=seq_len or self.llm.max_length)
 
 
 # ------------------------------------------------------------------------------------ data
