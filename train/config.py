@@ -274,10 +274,33 @@ class ParallelConfig:
         _positive(self, "nproc")
 
 
+WANDB_MODES = ("disabled", "online", "offline")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases next to TensorBoard (merv.train.tracking): on when `mode` is online / offline."""
+
+    mode: str = "disabled"  # disabled | online | offline (wandb's own modes; offline: `wandb sync` later)
+    project: str = "merv"
+    entity: str | None = None  # None: the logged-in account's default
+    name: str | None = None  # None: the run directory's name
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"mode {self.mode!r} is unknown; use one of {', '.join(WANDB_MODES)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "disabled"
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     tensorboard: bool = True  # also write TensorBoard events next to metrics.jsonl
     progress: bool = True  # progress bar on rank 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass(frozen=True)
@@ -337,6 +360,7 @@ FLAT_KEYS: dict[str, str] = {
     "allow_config_change": "checkpoint.allow_config_change", "export": "checkpoint.export",
     "device": "parallel.device", "activation_checkpointing": "parallel.activation_checkpointing",
     "nproc": "parallel.nproc", "tensorboard": "logging.tensorboard", "progress": "logging.progress",
+    "wandb": "logging.wandb.mode",
 }
 
 
