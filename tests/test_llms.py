@@ -50,6 +50,7 @@ def test_configs_in_code_carry_what_differs_between_the_families() -> None:
     assert (getattr(l3, "rope_parameters", None) or {}).get("rope_type", "default") == "default"
     # MERV trains LLaMA-3 with the reference's <PAD> row, padded to a multiple of 64; Qwen has a pad token
     assert trained_config("llama3-8b-instruct").vocab_size == 128320
+    assert trained_config("llama3.1-8b-instruct").vocab_size == 128256  # pads with <|finetune_right_pad_id|>
     assert trained_config("qwen2.5-7b-instruct").vocab_size == 152064
 
 
@@ -110,6 +111,29 @@ def test_llama3_tokens_start_with_one_bos_and_get_the_reference_pad(models) -> N
     rows = model.llm.get_input_embeddings().weight.shape[0]
     assert tok.pad_token == "<PAD>" and tok.pad_token_id == len(tok) - 1 and rows % 64 == 0 and rows >= len(tok)
     assert model.llm.config.pad_token_id == tok.pad_token_id
+
+
+def test_a_reserved_pad_token_is_used_before_adding_one() -> None:
+    """LLaMA-3.1 reserves <|finetune_right_pad_id|>: no new row; LLaMA-3 has none: <PAD>, 64-padded."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from merv.train.llm import ensure_pad_token
+    from merv.train.tiny import build_tiny_tokenizer
+
+    reserved = "<|finetune_right_pad_id|>"
+    for has_reserved in (True, False):
+        tok = build_tiny_tokenizer("llama3")
+        if has_reserved:
+            tok.add_tokens([reserved], special_tokens=True)
+        rows = len(tok)
+        llm = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=rows, hidden_size=16, intermediate_size=32,
+                                                           num_hidden_layers=1, num_attention_heads=2))
+        added = ensure_pad_token(llm, tok, reserved=reserved)
+        assert added is not has_reserved and llm.config.pad_token_id == tok.pad_token_id
+        if has_reserved:
+            assert tok.pad_token == reserved and llm.get_input_embeddings().weight.shape[0] == rows
+        else:
+            assert tok.pad_token == "<PAD>" and llm.get_input_embeddings().weight.shape[0] == -(-(rows + 1) // 64) * 64
 
 
 def _user_content_start(tok, ids: torch.Tensor) -> int:

@@ -4,7 +4,7 @@ Each entry is the model's Hub `config.json` (the fields that shape the weights a
 embedding; checked by hand against the Hub files). `published_config(name)` is that config;
 `trained_config(name)` is the shape MERV trains, which differs where the pad-token policy
 (`merv.train.llm.ensure_pad_token`) adds a `<PAD>` row and pads the vocabulary to a multiple of 64
-(LLaMA-2 and LLaMA-3 have no pad token; Qwen2.5 has `<|endoftext|>`).
+(LLaMA-2 and LLaMA-3 have no pad token; Qwen2.5 has `<|endoftext|>`, LLaMA-3.1 a reserved one).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
 _TOKENIZER: dict[str, tuple[int, bool]] = {
     "llama2-7b-pure": (32000, False),
     "llama3-8b-instruct": (128256, False),
-    "llama3.1-8b-instruct": (128256, False),  # <|finetune_right_pad_id|> exists but is not the tokenizer's pad
+    "llama3.1-8b-instruct": (128256, True),  # pads with its reserved <|finetune_right_pad_id|> (merv.train.llm)
     "qwen2.5-7b-instruct": (151665, True),
     "qwen2.5-1.5b-instruct": (151665, True),
     "qwen2.5-0.5b-instruct": (151665, True),
