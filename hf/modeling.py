@@ -3,9 +3,9 @@
 It holds the same two modules as the training model (`connector`, `llm`), under the same names, so
 a training state dict is its state dict and `as_merv_model()` is a view sharing the weights (the
 evaluation and training code keep using `MervModel`). Generation is transformers' own `generate`:
-the visual tokens are merged into the prompt embeddings once (after BOS, exactly as in training),
-then decoding runs on `inputs_embeds` with every sampling option, stopping rule and streamer
-transformers offers.
+the visual tokens are merged into the prompt embeddings once (after BOS, or without one at the
+start of the user turn, exactly as in training), then decoding runs on `inputs_embeds` with every
+sampling option, stopping rule and streamer transformers offers.
 
 An align-stage export may leave the LLM out (`config.llm_saved = False`): `from_pretrained` then
 reads the LLM from `config.llm_source` and only the connector from the directory.
@@ -152,8 +152,8 @@ class MervForConditionalGeneration(MervPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs: Any,
     ) -> MervCausalLMOutput:
-        """With `features` ({encoder: (B, t, h, w, d)}): visual tokens merged after BOS, as in
-        training (right-padded `input_ids`); without: the LLM on `input_ids` / `inputs_embeds`
+        """With `features` ({encoder: (B, t, h, w, d)}): visual tokens merged where training put them
+        (right-padded `input_ids`); without: the LLM on `input_ids` / `inputs_embeds`
         (what each decoding step of `generate` calls). `labels` give the answer-token loss."""
         from merv.train.model import causal_lm_loss
 
