@@ -274,7 +274,8 @@ def extract_cmd(
 
 @model_app.command("info")
 def model_info_cmd(
-    recipe: str = typer.Argument("merv-frozen", help="recipe name (merv-frozen, merv-full, dinov2-single, ...)"),
+    recipe: str = typer.Argument("merv-frozen", help="recipe name (merv-frozen, merv-full, dinov2-single, "
+                                                     "qwen2.5-7b-instruct, llama3-8b-instruct, ...)"),
     seq_len: Optional[int] = typer.Option(None, help="LLM sequence length for FLOPs (default: the recipe's max length)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON document"),
 ) -> None:

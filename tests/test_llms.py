@@ -17,7 +17,6 @@ from testkit import llm as H
 from testkit import tasks
 from testkit.threads import one_thread  # noqa: F401  (module fixture: torch on one thread)
 
-from merv.train.accounting import _llm_params
 from merv.train.build import build_merv
 from merv.train.connector import ConnectorConfig
 from merv.train.llm_configs import published_config, trained_config
@@ -28,6 +27,14 @@ from merv.train.tiny import tiny_feature_specs
 from merv.train.trainer import train
 
 CONV = [{"from": "human", "value": "<video>\nWhat color is it?"}, {"from": "gpt", "value": "red"}]
+
+
+def _llm_params(config) -> int:
+    """Parameters of the transformers model a config describes, built on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
 
 
 # ------------------------------------------------------------------ published shapes, recipes
@@ -248,25 +255,30 @@ def _wandb_records(run_dir: Path) -> tuple[list[dict], dict]:
     store = DataStore()
     store.open_for_scan(str(path))
     rows, config = [], {}
-    while (data := store.scan_data()) is not None:
-        record = pb.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
-        elif record.WhichOneof("record_type") == "run":
-            config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+    try:
+        while (data := store.scan_data()) is not None:
+            record = pb.Record()
+            record.ParseFromString(data)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+            elif record.WhichOneof("record_type") == "run":
+                config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+    finally:
+        store.close()
     return rows, config
 
 
 @pytest.mark.integration  # wandb starts its service process; the CLI runs in a subprocess
-def test_cli_trains_the_qwen_recipe_with_wandb_offline(task, tmp_path) -> None:
+def test_cli_trains_the_qwen_recipe_with_wandb_offline_and_a_resume_continues_its_run(task, tmp_path, monkeypatch,
+                                                                                     recwarn) -> None:
     data, store = task
     out, wandb_dir = tmp_path / "run", tmp_path / "wandb"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}, "WANDB_MODE": "offline",
            "WANDB_DIR": str(wandb_dir), "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "default"}
     done = subprocess.run([sys.executable, "-m", "merv.cli", "train", "--recipe", "tiny-qwen2.5", "--data", data,
                            "--store", store, "--out", str(out), "--max-steps", "3", "--global-batch-size", "4",
-                           "--micro-batch-size", "2", "--no-export", "--quiet", "--wandb", "offline",
+                           "--micro-batch-size", "2", "--checkpoint-every", "2", "--no-export", "--quiet", "--wandb", "offline",
                            "--set", "logging.wandb.tags=[test]"],
                           capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -281,3 +293,19 @@ def test_cli_trains_the_qwen_recipe_with_wandb_offline(task, tmp_path) -> None:
             {k: metrics[k] for k in ("loss", "lr", "grad_norm")}
     assert config["recipe"] == "tiny-qwen2.5" and config["model"]["llm"]["name"] == "tiny-qwen2.5"
     assert config["derived"]["total_steps"] == 3 and config["logging"]["wandb"]["tags"] == ["test"]
+    # resumed after step 2 (in this process): the same wandb run id, step 3 logged again, no warning
+    shutil.rmtree(out / "checkpoints" / "step-00000003")
+    (out / "checkpoints" / "latest").write_text("step-00000002")
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    train(tasks.run_config(task, out, {"schedule.max_steps": 3, "loader.global_batch_size": 4, "loader.micro_batch_size": 2,
+                                       "checkpoint.every": 2, "checkpoint.resume": True, "checkpoint.export": False,
+                                       "logging.wandb.mode": "offline", "logging.wandb.tags": ["test"]},
+                           recipe="tiny-qwen2.5"))
+    import wandb
+
+    wandb.teardown()  # the service writes the run file after `finish` returns: wait for it (a CLI run's exit does)
+    assert not [str(w.message) for w in recwarn]
+    again = [d for d in (wandb_dir / "wandb").glob("offline-run-*") if d != run_dir]
+    assert len(again) == 1 and again[0].name.endswith(run_dir.name.rsplit("-", 1)[1])
+    resumed, _ = _wandb_records(again[0])
+    assert [r["step"] for r in resumed] == [3] and resumed[0]["train/loss"] == jsonl[2]["loss"]
