@@ -143,6 +143,35 @@ def test_a_reserved_pad_token_is_used_before_adding_one() -> None:
             assert tok.pad_token == "<PAD>" and llm.get_input_embeddings().weight.shape[0] == -(-(rows + 1) // 64) * 64
 
 
+@pytest.mark.parametrize("flavor", ["qwen2.5", "llama3"])
+def test_a_local_hf_directory_of_the_family_loads_like_the_real_model(tmp_path, flavor: str) -> None:
+    """The offline loading path (`--llm DIR`): template, BOS, visual placement and pad policy come
+    from the directory's own tokenizer files, as they would from the real model's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from merv.train.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(flavor)
+    kind = "qwen2" if flavor == "qwen2.5" else "llama"
+    config = AutoConfig.for_model(kind, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, tie_word_embeddings=flavor == "qwen2.5")
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = build_merv(tiny_feature_specs(), ConnectorConfig(tokens_per_frame=4, fusion_embed_dim=48), str(tmp_path),
+                       model_max_length=512, dtype=torch.float32)
+    loaded = model.tokenizer
+    assert model.prompt_format == "chat-template" and loaded.chat_template == tok.chat_template
+    ids, _ = _tokens(model)
+    if flavor == "qwen2.5":
+        assert model.bos_token_id is None and loaded.pad_token == "<|endoftext|>"
+        assert model.visual_offsets(ids[None]).tolist() == [_user_content_start(loaded, ids)]
+        assert model.llm.get_input_embeddings().weight.shape[0] == len(tok)  # has a pad: no new rows
+    else:
+        assert model.bos_token_id == loaded.bos_token_id == ids[0] and model.visual_offsets(ids[None]).tolist() == [1]
+        assert loaded.pad_token == "<PAD>" and model.llm.get_input_embeddings().weight.shape[0] % 64 == 0
+
+
 def _user_content_start(tok, ids: torch.Tensor) -> int:
     """Tokens before the question's text, counted by decoding prefixes (independent of the model)."""
     return next(i for i in range(len(ids)) if tok.decode(ids[i:]).startswith("What color"))
