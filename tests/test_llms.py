@@ -264,15 +264,13 @@ def test_tiny_recipe_trains_resumes_exactly_and_exports(task, tmp_path, recipe: 
 
 
 # ------------------------------------------------------------------ wandb
-def test_wandb_missing_is_one_clear_error(tmp_path, monkeypatch) -> None:
-    from merv.train.config import WandbConfig
-    from merv.train.metrics import MetricsLogger
+def test_wandb_missing_is_one_clear_error_before_the_run_starts(task, tmp_path, monkeypatch) -> None:
     from merv.train.tracking import WandbMissingError
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     with pytest.raises(WandbMissingError, match=r"pip install 'merv\[wandb\]'.*logging.wandb.mode=disabled"):
-        MetricsLogger(tmp_path, tensorboard=False, wandb=WandbConfig(mode="offline"))
-    assert not (tmp_path / "metrics.jsonl").exists()  # refused before anything was written
+        train(tasks.run_config(task, tmp_path / "run", {**RUN, "logging.wandb.mode": "offline"}))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def _wandb_records(run_dir: Path) -> tuple[list[dict], dict]:

@@ -33,7 +33,8 @@ class WandbStartError(MervError, RuntimeError):
     """wandb refused to start the run (not logged in, no such entity / project, ...)."""
 
 
-def _import_wandb() -> Any:
+def require_wandb() -> Any:
+    """The wandb module, or one error line saying how to install it."""
     try:
         import wandb
     except ImportError as exc:
@@ -47,7 +48,7 @@ class WandbLogger:
 
     def __init__(self, settings: Any, run_dir: str | os.PathLike[str], run_config: dict[str, Any], *,
                  resuming: bool) -> None:
-        wandb = _import_wandb()
+        wandb = require_wandb()
         run_dir = Path(run_dir)
         id_file = run_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None

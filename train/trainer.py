@@ -162,6 +162,10 @@ def _train(config: RunConfig, feature_fn: Any, env: DistEnv, mode: str) -> dict[
     torch.manual_seed(config.seed)
     config = config.with_absolute_paths()
     _micro, accum = config.loader.split(env.world_size)  # refuse a batch split that cannot work, first
+    if config.logging.wandb.enabled and env.is_main:  # and a tracker that is not installed
+        from .tracking import require_wandb
+
+        require_wandb()
     out = Path(config.checkpoint.out_dir)
     ckpt_root = out / "checkpoints"
     point = select_checkpoint(ckpt_root, env, mode)  # refuse early, before anything is built or written
