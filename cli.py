@@ -165,7 +165,9 @@ def store_info_cmd(
                           str(s["failed"]), str(s["pending"]), "-" if bps is None else f"{bps / 1024:.1f}")
     console.print(table)
     for g in info["encoders"]:
-        console.print(f"{g['key']}: fingerprint {g['fingerprint']}, {g['bytes_on_disk'] / 2**20:.2f} MiB on disk")
+        codecs = "; ".join(f"{name}: {chain}" for name, chain in g["codecs"].items())
+        console.print(f"{g['key']}: fingerprint {g['fingerprint']}, {g['bytes_on_disk'] / 2**20:.2f} MiB on disk, "
+                      f"codecs {codecs}")
 
 
 @store_app.command("verify")
@@ -212,6 +214,8 @@ def extract_cmd(
                                                      "decord; all give identical frames"),
     resize_at: Optional[str] = typer.Option(None, "--resize-at", help="decode (default: decode tasks ship each encoder's "
                                             "resized pixels) | encoder (ship full frames; resize on the encoder's device)"),
+    codec: Optional[str] = typer.Option(None, help="codec chain of new encoder groups: none | zstd-<level> | "
+                                        "blosc-<cname>-<level>-<shuffle> (default: the encoding's measured choice)"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="redo shards that hold recorded failures"),
     samples_per_shard: Optional[int] = typer.Option(None, help="samples per shard of a new store (else ~128 MiB shards)"),
     allow_download: bool = typer.Option(False, "--allow-download", help="let missing weights be fetched from the Hub"),
@@ -238,7 +242,7 @@ def extract_cmd(
              "batch_size": batch_size, "inflight_per_worker": inflight, "max_inflight_bytes": max_inflight_bytes,
              "stop_grace_s": stop_grace, "decode_cpus": decode_cpus, "worker_cpus": worker_cpus,
              "torch_threads": torch_threads, "device": device, "decoder": decoder, "resize_at": resize_at,
-             "samples_per_shard": samples_per_shard,
+             "codec": codec, "samples_per_shard": samples_per_shard,
              "retry_failed": retry_failed or None, "allow_download": allow_download or None,
              "storage_options": _json_option(storage_options, "--storage-options")}
     opts = load_extract_options(str(config) if config else None, overrides,

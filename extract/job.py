@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from merv.store import FeatureStore, LeaseLostError, parse_grid
+from merv.store.codecs import compressors
 from merv.store.group import lease_key
 from merv.store.lease import DEFAULT_TTL_S, HEARTBEATS_PER_TTL, HeldBy, Lease, default_owner, try_acquire_all
 from merv.store.paper import PAPER_ENCODER_NAMES
@@ -96,6 +97,7 @@ class ExtractOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec's, for URL sources, videos and the store
     decoder: str = "auto"  # auto (decord when installed, else PyAV) | pyav | decord: identical frames, see decode_bench
     resize_at: str = "decode"  # decode: decode tasks ship each encoder's resized pixels | encoder: full frames (see pixels.py)
+    codec: str | None = None  # codec chain of new groups' values (none | zstd-3 | blosc-lz4-5-bitshuffle ...); None: the encoding's measured default (store/codecs.py)
 
     def __post_init__(self) -> None:
         if self.max_inflight_bytes is not None:
@@ -107,6 +109,11 @@ class ExtractOptions:
             raise ExtractError(f"device {self.device!r}: use auto, cpu or cuda")
         if self.resize_at not in RESIZE_AT:
             raise ExtractError(f"resize_at {self.resize_at!r}: use decode (decode tasks ship resized pixels) or encoder")
+        if self.codec is not None:
+            try:
+                compressors(self.codec)
+            except ValueError as exc:
+                raise ExtractError(f"codec: {exc}") from exc
         from .video import check_backend
 
         check_backend(self.decoder)
@@ -284,7 +291,7 @@ def prepare_store(source: str | None, store_url: str, opts: ExtractOptions) -> t
             store.add_samples(records)
         except ValueError as exc:  # an id already in the store for another video / window
             raise ExtractError(str(exc)) from exc
-        keys = [store.ensure_group(s).key for s in specs]
+        keys = [store.ensure_group(s, chain=opts.codec).key for s in specs]
     return store, keys, DecodePlan.for_encoders(frames, infos, opts.resize_at)
 
 
