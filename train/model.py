@@ -174,11 +174,14 @@ class MervModel(nn.Module):
     # --- training -----------------------------------------------------------------------------
 
     def set_stage(self, stage: str) -> None:
-        """Freeze per stage: `align` trains the connector only; `finetune` and `full-align` train connector + LLM."""
+        """Freeze per stage: `align` trains the connector only; `finetune` and `full-align` train connector + LLM
+        (connector + LoRA adapters when the LLM carries them, see merv.train.lora)."""
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r} is unknown; use one of {STAGES}")
+        from .lora import set_trainable
+
         self.connector.requires_grad_(True)
-        self.llm.requires_grad_(stage != "align")
+        set_trainable(self.llm, stage != "align")  # with LoRA: its adapters only
         self.connector.freeze_inert()
         self.stage = stage
 
