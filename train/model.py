@@ -473,7 +473,9 @@ def _cache_kwarg(llm: Any) -> str:
     `cache` (the old name warns, and will go); 4.x knows only the old one."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+    from .lora import unwrap
+
+    return "cache" if "cache" in inspect.signature(unwrap(llm).forward).parameters else "past_key_values"
 
 
 def _cache_of(out: Any) -> Any:
