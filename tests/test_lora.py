@@ -26,9 +26,10 @@ from typer.testing import CliRunner
 from merv.cli import app
 from merv.hf.modeling import MervForConditionalGeneration
 from merv.train.accounting import ADAMW_STATE_BYTES, training_memory
-from merv.train.llm import decoder_layers
+from merv.train.llm import decoder_layers, load_llm
 from merv.train.lora import ADAPTER_DIR, BASE_DIR, LoraConfig, LoraError, apply_lora, check_qlora, export_lora
 from merv.train.metrics import read_metrics
+from merv.train.model import MervModel
 from merv.train.resume import ResumeError
 from merv.train.tiny import build_tiny_merv
 from merv.train.trainer import train
@@ -81,9 +82,12 @@ def test_stages_train_connector_and_adapters_never_the_base():
 
 
 def _trained_lora_model(flavor: str, source: str | None):
-    """A tiny LoRA MervModel whose adapters are no longer zero (as after training)."""
+    """A tiny LoRA MervModel (its LLM from `source` when given) whose adapters are no longer zero."""
     model, tokenizer = build_tiny_merv(flavor=flavor)
-    model.llm_source = source
+    if source is not None:  # as the trainer loads it: a pad-less tokenizer gets <PAD> and new rows
+        llm, tokenizer = load_llm(source, dtype=torch.float32)
+        model = MervModel(model.connector, llm, tokenizer=tokenizer, prompt_format=model.prompt_format,
+                          llm_source=source)
     model.llm = apply_lora(model.llm, LoraConfig(r=4, alpha=8))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -94,15 +98,22 @@ def _trained_lora_model(flavor: str, source: str | None):
 
 
 @pytest.mark.parametrize("mode", ["merged", "adapter"])
-@pytest.mark.parametrize("flavor,base", [("llama", "in-process"), ("qwen2", "directory")])
+@pytest.mark.parametrize("flavor,base", [("llama", "in-process"), ("qwen2", "directory"),
+                                         ("llama", "directory without pad")])
 def test_exports_load_with_from_pretrained_and_generate_the_same_tokens(tmp_path, mode, flavor, base):
     source = None
-    if base == "directory":  # a base LLM on disk: the adapter export points to it and carries no copy
+    if base.startswith("directory"):  # a base LLM on disk: the adapter export points to it, no copy
         model, tokenizer = build_tiny_merv(flavor=flavor)
         model.llm.save_pretrained(tmp_path / "base")
         tokenizer.save_pretrained(tmp_path / "base")
         source = str(tmp_path / "base")
+        if base.endswith("without pad"):  # like LLaMA-2: merv adds <PAD>, resizing to a multiple of 64 rows
+            cfg = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+            cfg.pop("pad_token")
+            (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(cfg))
     model, tokenizer = _trained_lora_model(flavor, source)
+    rows = model.llm.get_input_embeddings().weight.shape[0]
+    assert (rows % 64 == 0) == base.endswith("without pad")
     feats = random_features(model.connector.specs, 2, dtype=torch.float32)
     prompts = [model.build_prompt("What is happening in this video?"), model.build_prompt("Describe the video.")]
     want = model.generate(feats, prompts, max_new_tokens=8, eos_token_id=[]).token_ids
@@ -121,6 +132,11 @@ def test_exports_load_with_from_pretrained_and_generate_the_same_tokens(tmp_path
     assert not any("lora_" in n for n, _ in loaded.named_parameters())  # a plain transformers LLM inside
     got = loaded.as_merv_model().generate(feats, prompts, max_new_tokens=8, eos_token_id=[]).token_ids
     assert got == want
+    # every row of the vocabulary came back, the added <PAD> rows too (not freshly initialised ones)
+    trained = model.llm.get_base_model()
+    for a, b in ((trained.get_input_embeddings(), loaded.llm.get_input_embeddings()),
+                 (trained.get_output_embeddings(), loaded.llm.get_output_embeddings())):
+        assert a.weight.shape == b.weight.shape and torch.allclose(a.weight, b.weight, atol=1e-6)
 
 
 def test_qlora_is_refused_clearly_off_cuda():

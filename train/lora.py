@@ -18,7 +18,8 @@ frozen rest is rebuilt from the same configuration on resume.
 Exports (`model.llm.lora.export`): `merged` folds B @ A * alpha / r into the base weights (PEFT's
 `merge_and_unload`), a normal export that needs no PEFT to load; `adapter` writes the connector
 and PEFT's adapter files (`llm_adapter/`) and points to the base LLM (`llm_source`); an LLM built
-in-process (tiny-llama, ...) has no files anywhere, so its base weights go to `base_llm/` beside it.
+in-process (tiny-llama, ...) has no files anywhere, and one from an earlier export (`init_from`) is
+not what its source loads, so their base weights go to `base_llm/` beside the adapter.
 
 QLoRA (`qlora: true`, a 4-bit NF4 base) needs bitsandbytes on CUDA; elsewhere it is refused.
 """
@@ -162,9 +163,12 @@ def adapted_linears(llm: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def export_lora(model: Any, state: dict[str, torch.Tensor], directory: str | os.PathLike[str], config: LoraConfig,
-                **save_kwargs: Any) -> Path:
+                *, base_from_source: bool = True, **save_kwargs: Any) -> Path:
     """Write RUN/export from a LoRA-trained model's full state (rank 0; `state` as gathered by
     `merv.train.resume.full_model_state`): `merged` or `adapter` (module docstring).
+
+    `base_from_source=False`: the base LLM is not what `model.llm_source` loads (it came from an
+    earlier export, `model.init_from`), so an adapter export carries it in `base_llm/`.
 
     The live model may be FSDP-sharded, so the export is built on a CPU copy of its structure:
     allocated without initialisation (`empty_llm`) and given the gathered tensors themselves."""
@@ -191,9 +195,10 @@ def export_lora(model: Any, state: dict[str, torch.Tensor], directory: str | os.
     if config.export == "merged":
         copy.llm = copy.llm.merge_and_unload()
         return save_merv(copy, out, **save_kwargs)
-    copy.llm.save_pretrained(str(out / ADAPTER_DIR), save_embedding_layers=_resized(copy.llm, model.llm_source))
+    resized = base_from_source and _resized(copy.llm, model.llm_source)
+    copy.llm.save_pretrained(str(out / ADAPTER_DIR), save_embedding_layers=resized)
     copy.llm = copy.llm.unload()  # the base LLM, without the adapters
-    if model.llm_source is None or _in_process(model.llm_source):
+    if not base_from_source or model.llm_source is None or _in_process(model.llm_source):
         copy.llm.save_pretrained(str(out / BASE_DIR))
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(out / BASE_DIR))

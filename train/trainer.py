@@ -226,7 +226,7 @@ def _train(config: RunConfig, feature_fn: Any, env: DistEnv, mode: str) -> dict[
             lora = config.model.llm.lora
             if lora.enabled:
                 about["extra"]["lora"] = {"r": lora.r, "alpha": lora.alpha, "export": lora.export}
-                export_lora(model, full, export_dir, lora, **about)
+                export_lora(model, full, export_dir, lora, base_from_source=config.model.init_from is None, **about)
             else:
                 save_merv(model, export_dir, state_dict=full,
                           save_llm=config.stage != "align" or config.model.init_from is not None, **about)
