@@ -97,9 +97,9 @@ def _trained_lora_model(flavor: str, source: str | None):
     return model.eval(), tokenizer
 
 
-@pytest.mark.parametrize("mode", ["merged", "adapter"])
-@pytest.mark.parametrize("flavor,base", [("llama", "in-process"), ("qwen2", "directory"),
-                                         ("llama", "directory without pad")])
+@pytest.mark.parametrize("mode,flavor,base", [("merged", "llama", "in-process"), ("adapter", "llama", "in-process"),
+                                              ("adapter", "qwen2", "directory"),
+                                              ("adapter", "llama", "directory without pad")])
 def test_exports_load_with_from_pretrained_and_generate_the_same_tokens(tmp_path, mode, flavor, base):
     source = None
     if base.startswith("directory"):  # a base LLM on disk: the adapter export points to it, no copy

@@ -189,7 +189,13 @@ class MervModel(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def enable_gradient_checkpointing(self) -> None:
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from .lora import unwrap
+
+        llm = unwrap(self.llm)
+        if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.x deprecates the old name
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _check_bos(self, input_ids: torch.Tensor, has_visual: torch.Tensor) -> None:
         if self.bos_token_id is None:
