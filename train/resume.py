@@ -2,7 +2,8 @@
 
 Layout of `<run>/checkpoints/step-00000012/`:
   dcp/shard-<i>-model-00001-of-00001.safetensors
-                        model + optimizer tensors; each rank writes the shards it owns
+                        model + optimizer tensors (LoRA runs: the trainable parameters only, since
+                        the frozen base is rebuilt from the config); each rank writes the shards it owns
                         (torch.distributed.checkpoint through torch's HuggingFaceStorageWriter:
                         safetensors files whose JSON header holds the DCP offsets)
   rng/rank-<r>.safetensors
