@@ -281,13 +281,16 @@ def model_info_cmd(
     recipe: str = typer.Argument("merv-frozen", help="recipe name (merv-frozen, merv-full, dinov2-single, ...)"),
     seq_len: Optional[int] = typer.Option(None, help="LLM sequence length for FLOPs (default: the recipe's max length)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON document"),
+    lora: Optional[str] = typer.Option(
+        None, "--lora", help="also the training memory, full finetune vs LoRA: r=16[,alpha=32,target_modules=q_proj+v_proj]"),
 ) -> None:
     """Parameters per component and analytic FLOPs per sample, from a meta-device build (no weights)."""
     from merv.train.recipes import recipe_report
 
     report = recipe_report(recipe, seq_len).to_dict()
+    memory = _memory_rows(recipe, lora) if lora is not None else None
     if as_json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps({**report, "memory": memory} if memory is not None else report, indent=2))
         return
     table = Table("component", "parameters (M)", "GFLOPs / sample")
     flops = report["flops"]
@@ -299,6 +302,28 @@ def model_info_cmd(
     console.print(f"total {report['total_params'] / 1e6:,.1f}M parameters; {report['total_flops'] / 1e12:,.2f} TFLOPs per "
                   f"training sample at seq_len {report['seq_len']} (LLM forward + backward, encoders forward); "
                   f"encoders are {100 * enc / report['total_flops']:.1f}% of it: what feature caching removes")
+    if memory is not None:
+        gib = 2.0**30
+        table = Table("training", "params (M)", "trainable (M)", "weights GiB", "grads GiB", "AdamW m+v GiB",
+                      "total GiB")
+        for row in memory:
+            table.add_row(row["setup"], f"{row['params'] / 1e6:,.1f}", f"{row['trainable'] / 1e6:,.2f}",
+                          f"{row['weight_bytes'] / gib:,.2f}", f"{row['grad_bytes'] / gib:,.2f}",
+                          f"{row['optimizer_bytes'] / gib:,.2f}", f"{row['total_bytes'] / gib:,.2f}")
+        console.print(table)
+        console.print("whole model, before FSDP divides it over ranks; activations not included. The trainer keeps "
+                      "fp32 weights (the master copy; bf16 compute copies are per layer and transient), gradients "
+                      "and AdamW state for the trainable parameters only.")
+
+
+def _memory_rows(recipe: str, spec: str) -> list[dict[str, Any]]:
+    from merv.train.lora import parse_lora_spec
+    from merv.train.recipes import recipe_memory
+
+    config = parse_lora_spec(spec)
+    if not config.enabled:
+        _fail(f"--lora {spec!r}: give the adapter rank, e.g. --lora r=16")
+    return [row.to_dict() for row in recipe_memory(recipe, config)]
 
 
 def _json_option(value: Optional[str], flag: str) -> Any:

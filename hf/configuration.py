@@ -34,6 +34,7 @@ class MervConfig(PretrainedConfig):
         llm_saved: bool = True,
         visual_after_bos: bool = True,
         recipe: dict[str, Any] | None = None,
+        llm_adapter: str | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
@@ -47,6 +48,8 @@ class MervConfig(PretrainedConfig):
         self.llm_source = llm_source  # registry id / path the LLM came from (needed when llm_saved is False)
         self.llm_saved = bool(llm_saved)  # False: align-stage export, the LLM weights come from llm_source
         self.visual_after_bos = bool(visual_after_bos)  # visual tokens follow BOS (False: Qwen-style, no BOS)
+        # a LoRA adapter export: PEFT adapter files in this subfolder, applied to the LLM of llm_source
+        self.llm_adapter = llm_adapter
         self.recipe = dict(recipe or {})  # recipe, stage, steps, encoder size: what the model card reports
         attn = getattr(text_config, "_attn_implementation", None)
         super().__init__(**kwargs)

@@ -27,6 +27,7 @@ from .accounting import PAPER_ENCODER_ORDER, PAPER_ENCODERS
 from .configurable import ConfigError, build_config, closest, config_to_dict, merge, unflatten
 from .connector import ConnectorConfig
 from .llm import DEFAULT_LLM
+from .lora import LoraConfig
 from .model import STAGES
 from .prompts import PROMPT_FORMATS
 from .specs import FeatureSpec
@@ -53,6 +54,7 @@ class LLMConfig:
     name: str = DEFAULT_LLM  # LLaMA-2 7B
     max_length: int = 2048  # tokens per conversation (longer ones are truncated); the tokenizer's limit
     prompt_format: str | None = None  # None: the LLM's own (merv.train.llm.default_prompt_format)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters instead of the whole LLM (r > 0)
 
     def __post_init__(self) -> None:
         _positive(self, "max_length")
@@ -95,8 +97,19 @@ class ModelConfig:
     def build(self, specs: list[FeatureSpec] | None = None, *, seed: int = 0, **kwargs: Any) -> Any:
         """The MervModel: loaded from `init_from` (its specs must match), else built (connector
         seeded by `seed`); kwargs go to merv.train.build.build_merv (dtype, device, ...)."""
-        if self.init_from:
-            return self._load(specs, kwargs.get("dtype"))
+        model = self._load(specs, kwargs.get("dtype")) if self.init_from else self._build(specs, seed, **kwargs)
+        if self.llm.lora.enabled:
+            import torch
+
+            from .lora import apply_lora, check_qlora
+
+            check_qlora(self.llm.lora, kwargs.get("device"))
+            with torch.random.fork_rng(devices=[]):  # the adapters' init: a function of the seed alone
+                torch.manual_seed(seed + 2)
+                model.llm = apply_lora(model.llm, self.llm.lora)
+        return model
+
+    def _build(self, specs: list[FeatureSpec] | None, seed: int, **kwargs: Any) -> Any:
         from .build import build_merv
 
         try:

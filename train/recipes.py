@@ -124,12 +124,25 @@ def get_recipe(name: str, stage: str | None = None) -> RunConfig:
 
 def recipe_report(name: str, seq_len: int | None = None) -> Any:
     """`merv model info`: the recipe's parameters and FLOPs at paper size (its encoders must be)."""
+    return _paper_size(name).report(seq_len)
+
+
+def _paper_size(name: str) -> Any:
+    """The recipe's ModelConfig; refused unless its encoders have the paper's (fixed) shapes."""
     size = get_recipe(name).model.encoder_size
     if size != "paper":
         paper = sorted(n for n in RECIPES if get_recipe(n).model.encoder_size == "paper")
         raise RecipeError(f"recipe {name!r} uses {size} random encoders whose shapes come from a store; "
                           f"`merv model info` sizes the paper-size recipes: {', '.join(paper)}")
-    return get_recipe(name).model.report(seq_len)
+    return get_recipe(name).model
+
+
+def recipe_memory(name: str, lora: Any = None) -> Any:
+    """`merv model info --lora`: the recipe's training memory, full finetune vs LoRA (paper sizes)."""
+    from .accounting import training_memory
+
+    model = _paper_size(name)
+    return training_memory(model.feature_specs(), model.connector, lora=lora)
 
 
 def resolve_run_config(layers: Sequence[tuple[str, Mapping[str, Any]]]) -> RunConfig:
@@ -152,5 +165,5 @@ def load_run_config(*, file: str | os.PathLike[str] | None = None, flags: Mappin
 
 
 __all__ = ["DEFAULT_RECIPE", "FLAT_KEYS", "PAPER_STAGES", "RECIPES", "RecipeError", "get_recipe", "load_run_config",
-           "merv_frozen", "merv_full", "paper_shape", "recipe_report", "resolve_run_config", "single", "small", "tiny",
+           "merv_frozen", "merv_full", "paper_shape", "recipe_memory", "recipe_report", "resolve_run_config", "single", "small", "tiny",
            "videollava"]
