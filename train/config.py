@@ -74,6 +74,10 @@ class ModelConfig:
     init_from: str | None = None  # a `merv train` export to start from (stage chaining)
 
     def __post_init__(self) -> None:
+        from merv.store.encoder_names import canonical_encoder_name
+
+        # generic specs (timm:... / hf:...) in their one spelling: the store's groups are named so
+        object.__setattr__(self, "encoders", tuple(canonical_encoder_name(e) for e in self.encoders))
         if not self.encoders or len(set(self.encoders)) != len(self.encoders):
             raise ValueError(f"encoders must be distinct names, at least one, got {list(self.encoders)}")
         tokens = self.connector.tokens_per_frame
@@ -92,6 +96,10 @@ class ModelConfig:
         if self.encoder_size != "paper":
             raise ConfigError(f"model.encoder_size {self.encoder_size!r}: random encoders have no fixed shapes; "
                               "pass the feature specs from the store")
+        unknown = [e for e in self.encoders if e not in PAPER_ENCODERS]
+        if unknown:
+            raise ConfigError(f"model.encoders {unknown}: no paper shapes for them; their shapes come from a feature store "
+                              "(pass --store with the extracted features)")
         return [PAPER_ENCODERS[e].spec for e in self.encoders]
 
     def build(self, specs: list[FeatureSpec] | None = None, *, seed: int = 0, **kwargs: Any) -> Any:
