@@ -19,6 +19,9 @@ from merv.store.paper import PAPER_ENCODER_NAMES
 from merv.store.paper import PAPER_ENCODERS as PAPER
 
 from .base import FrozenEncoder
+from .hiera import FRAMES as HIERA_FRAMES
+from .hiera import MODEL_ID as HIERA_ID
+from .hiera import build_hiera
 from .languagebind import build_languagebind
 from .timm_vit import DINOV2, SIGLIP, build_timm_encoder
 from .vivit import build_vivit
@@ -47,6 +50,9 @@ _SUMMARIES = {  # model ids and frame counts come from the one table, merv.store
 ENCODERS: dict[str, EncoderEntry] = {
     name: EncoderEntry(name, PAPER[name].model_id, PAPER[name].frames, *_SUMMARIES[name]) for name in PAPER_ENCODER_NAMES
 }
+# Beyond the paper's four: encoders the reference also supports.
+ENCODERS["hiera"] = EncoderEntry("hiera", HIERA_ID, HIERA_FRAMES, build_hiera,
+                                 "video expert (reference `hiera-base-video`); 16 frames; last stage (8x7x7, d=768)")
 PAPER_ENCODERS = PAPER_ENCODER_NAMES  # the reference's order
 
 
