@@ -200,3 +200,22 @@ def test_extract_train_generate_with_timm_and_hf_specs(ray_session, hf_dir, tmp_
     answer = answer_video(run["export"], video, "What color is the shape?", GenerateOptions(max_new_tokens=4))
     assert isinstance(answer, str)
     print(f"extract {t1 - t0:.1f}s, train + generate {time.perf_counter() - t1:.1f}s")
+
+
+def test_model_info_measures_any_encoder_like_the_paper_closed_form():
+    """`merv model info --encoders`: an encoder without paper shapes is measured on the meta device;
+    the measurement agrees with the paper's closed-form count where both exist (DINOv2)."""
+    from merv.extract.encoders.cost import measure_encoder
+    from merv.pipelines.model_info import model_info
+    from merv.train.accounting import PAPER_ENCODERS
+
+    dino = measure_encoder("dinov2")
+    paper = PAPER_ENCODERS["dinov2"].vit
+    assert dino.params == paper.params() and dino.flops == pytest.approx(paper.forward_flops(16), rel=1e-3)
+    name = f"{VIT}?layer=-3"
+    report = model_info("merv-frozen", 2048, ["dinov2", name]).to_dict()
+    vit = measure_encoder(name)
+    assert report["params"][f"encoder/{name}"] == vit.params == 85_799_424  # ViT-B/16 without its head
+    assert report["flops"][f"encoder/{name}"] == vit.flops
+    assert vit.flops < measure_encoder(VIT).flops  # layer -3 stops one block earlier than -2
+    assert report["visual_tokens"] == 16 * 64  # cross-attention fusion: one 16 x 8x8 sequence from both
