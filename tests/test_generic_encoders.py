@@ -219,3 +219,23 @@ def test_model_info_measures_any_encoder_like_the_paper_closed_form():
     assert report["flops"][f"encoder/{name}"] == vit.flops
     assert vit.flops < measure_encoder(VIT).flops  # layer -3 stops one block earlier than -2
     assert report["visual_tokens"] == 16 * 64  # cross-attention fusion: one 16 x 8x8 sequence from both
+
+
+def test_hf_repo_id_is_read_offline_from_the_hf_cache(hf_dir, tmp_path, monkeypatch):
+    """`hf:org/name` resolves in the HF cache (HF_HUB_CACHE) without the network; absent, the
+    error names the repo and the download command."""
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny-dino" / "snapshots" / "0123abc"
+    shutil.copytree(hf_dir, snapshot)
+    (tmp_path / "hub" / "models--acme--tiny-dino" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-dino" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cached = build_encoder("hf:acme/tiny-dino?frames=2")
+    local = build_encoder(f"hf:{hf_dir}?frames=2")
+    x = _frames(2, seed=4)
+    assert torch.equal(cached.encode(x), local.encode(x))
+    assert cached.info.weights == "pretrained:acme/tiny-dino" and cached.info.model_id == "acme/tiny-dino"
+    with pytest.raises(MervError, match="weights for 'acme/other' not found.*hf download acme/other"):
+        build_encoder("hf:acme/other")
