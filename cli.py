@@ -194,7 +194,7 @@ def extract_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of extraction options (keys as in --print-config)"),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE override of any option, e.g. --set batch_size=16; repeatable"),
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved options as YAML and exit"),
-    encoders: list[str] = typer.Option([], "--encoders", help=f"encoder names (default: the paper's four); {LIST_HELP}"),
+    encoders: list[str] = typer.Option([], "--encoders", help=f"encoder names (default: the paper's four), hiera, or specs timm:<arch>.<tag> / hf:<repo|dir> with ?layer=N&frames=N; {LIST_HELP}"),
     weights: Optional[str] = typer.Option(None, help="directory with the encoders' weights (else the HF cache, offline); 'random': random init (benchmarks)"),
     grid: Optional[str] = typer.Option(None, help="cache pooled to HxW (default 8x8: least I/O) or 'native' (every token-count ablation)"),
     encoding: Optional[str] = typer.Option(None, help="fp16 (default) | bitround | int8"),
