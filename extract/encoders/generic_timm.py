@@ -36,18 +36,18 @@ from .weights import WeightsError, weights_identity, weights_to_load
 # Reduced random-init variants per timm family (model class), by size. Plain ViT-like families
 # take widths and depth; Hiera takes its stage depths. img_size is set from the patch size.
 _VIT_LIKE = {
-    "tiny": dict(embed_dim=32, depth=3, num_heads=2),
-    "small": dict(embed_dim=96, depth=3, num_heads=2),
+    "tiny": {"embed_dim": 32, "depth": 3, "num_heads": 2},
+    "small": {"embed_dim": 96, "depth": 3, "num_heads": 2},
 }
 _HIERA = {
-    "tiny": dict(embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)),
-    "small": dict(embed_dim=32, num_heads=1, stages=(1, 1, 2, 1)),
+    "tiny": {"embed_dim": 16, "num_heads": 1, "stages": (1, 1, 1, 1)},
+    "small": {"embed_dim": 32, "num_heads": 1, "stages": (1, 1, 2, 1)},
 }
 FAMILY_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "VisionTransformer": _VIT_LIKE, "Eva": _VIT_LIKE, "Beit": _VIT_LIKE, "VisionTransformerDistilled": _VIT_LIKE,
     "Hiera": _HIERA,
 }
-TINY_GRID = 4  # tiny variants see a 4x4 grid of the tap (tests)
+TINY_GRID = 4  # tiny variants: a 4x4 grid at the last block / stage (tests)
 
 
 class TimmGenericEncoder(FrozenEncoder):
@@ -131,7 +131,7 @@ def build_timm_generic(
     kwargs: dict[str, Any] = dict(num_classes=0, **variant)
     if path is not None:
         try:  # timm's own loader: its checkpoint filter (pos-embed resampling, key renames), strict
-            model = timm.create_model(f"{arch}.{tag}", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+            model = timm.create_model(f"{arch}.{tag}", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
                                       **kwargs)
         except (RuntimeError, KeyError, ValueError) as exc:
             raise WeightsError(f"{path}: cannot load as timm {arch}.{tag}: {str(exc)[:300]}") from exc
@@ -177,9 +177,9 @@ def _info(spec: GenericSpec, arch: str, tag: str, cfg: Any, size: str, model: nn
         model_id=f"timm/{arch}.{tag}",
         weights=identity,
         architecture=f"timm:{arch}",
-        config=dict(timm_model=arch, family=type(model).__name__, taps=len(model.feature_info), tap=tap,
-                    variant={k: list(v) if isinstance(v, tuple) else v for k, v in variant.items()},
-                    num_prefix_tokens=prefix, img_size=image_size),
+        config={"timm_model": arch, "family": type(model).__name__, "taps": len(model.feature_info), "tap": tap,
+                    "variant": {k: list(v) if isinstance(v, tuple) else v for k, v in variant.items()},
+                    "num_prefix_tokens": prefix, "img_size": image_size},
         frames=spec.frames,
         image_size=image_size,
         preprocessing=preprocessing,

@@ -28,8 +28,8 @@ from .weights import assign_state_dict, load_state_dict, weights_identity, weigh
 NAME = "hiera"
 MODEL_ID = "facebook/hiera_base_16x224.mae_k400_ft_k400"
 FRAMES = 16
-_VIDEO = dict(q_stride=(1, 2, 2), mask_unit_size=(1, 8, 8), patch_kernel=(3, 7, 7), patch_stride=(2, 4, 4),
-              patch_padding=(1, 3, 3), sep_pos_embed=True)
+_VIDEO = {"q_stride": (1, 2, 2), "mask_unit_size": (1, 8, 8), "patch_kernel": (3, 7, 7), "patch_stride": (2, 4, 4),
+              "patch_padding": (1, 3, 3), "sep_pos_embed": True}
 PAPER = dict(_VIDEO, embed_dim=96, num_heads=1, stages=(2, 3, 16, 3), img_size=(FRAMES, 224, 224))
 # tests: 4x4 final grid (128 px / 4 / 2^3), widths 16..128
 TINY = dict(_VIDEO, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1), img_size=(FRAMES, 128, 128))
