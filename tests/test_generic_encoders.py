@@ -239,3 +239,23 @@ def test_hf_repo_id_is_read_offline_from_the_hf_cache(hf_dir, tmp_path, monkeypa
     assert cached.info.weights == "pretrained:acme/tiny-dino" and cached.info.model_id == "acme/tiny-dino"
     with pytest.raises(MervError, match="weights for 'acme/other' not found.*hf download acme/other"):
         build_encoder("hf:acme/other")
+
+
+def test_hf_image_text_model_gives_its_vision_tower(tmp_path):
+    """A full CLIP checkpoint (text + vision) under hf: loads `CLIPVisionModel` from it; the CLS
+    token is dropped from the chosen hidden state."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel
+
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=dict(small, vocab_size=100), vision_config=dict(small, image_size=32, patch_size=8))
+              ).save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    enc = build_encoder(f"hf:{tmp_path}?frames=2&layer=-1")
+    assert type(enc.model).__name__ == "CLIPVisionModel" and enc.info.architecture == "transformers:CLIPVisionModel"
+    x = _frames(2, seed=5)[:1]
+    with torch.no_grad():
+        hidden = CLIPVisionModel.from_pretrained(tmp_path).eval()(
+            pixel_values=enc.preprocess(x).flatten(0, 1), output_hidden_states=True).hidden_states[-1]
+    assert hidden.shape[1] == 1 + 16
+    torch.testing.assert_close(enc.encode(x), hidden[:, 1:].reshape(1, 2, 4, 4, 32), rtol=0, atol=1e-6)
