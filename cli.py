@@ -194,7 +194,7 @@ def extract_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of extraction options (keys as in --print-config)"),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE override of any option, e.g. --set batch_size=16; repeatable"),
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved options as YAML and exit"),
-    encoders: list[str] = typer.Option([], "--encoders", help=f"encoder names (default: the paper's four); {LIST_HELP}"),
+    encoders: list[str] = typer.Option([], "--encoders", help=f"encoder names (default: the paper's four), hiera, or specs timm:<arch>.<tag> / hf:<repo|dir> with ?layer=N&frames=N; {LIST_HELP}"),
     weights: Optional[str] = typer.Option(None, help="directory with the encoders' weights (else the HF cache, offline); 'random': random init (benchmarks)"),
     grid: Optional[str] = typer.Option(None, help="cache pooled to HxW (default 8x8: least I/O) or 'native' (every token-count ablation)"),
     encoding: Optional[str] = typer.Option(None, help="fp16 (default) | bitround | int8"),
@@ -280,14 +280,15 @@ def extract_cmd(
 def model_info_cmd(
     recipe: str = typer.Argument("merv-frozen", help="recipe name (merv-frozen, merv-full, dinov2-single, ...)"),
     seq_len: Optional[int] = typer.Option(None, help="LLM sequence length for FLOPs (default: the recipe's max length)"),
+    encoders: list[str] = typer.Option([], "--encoders", help=f"replace the recipe's encoders (names, hiera, timm:... / hf:... specs; measured on the meta device); {LIST_HELP}"),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON document"),
     lora: Optional[str] = typer.Option(
         None, "--lora", help="also the training memory, full finetune vs LoRA: r=16[,alpha=32,target_modules=q_proj+v_proj]"),
 ) -> None:
     """Parameters per component and analytic FLOPs per sample, from a meta-device build (no weights)."""
-    from merv.train.recipes import recipe_report
+    from merv.pipelines.model_info import model_info
 
-    report = recipe_report(recipe, seq_len).to_dict()
+    report = model_info(recipe, seq_len, _listed(encoders)).to_dict()
     memory = _memory_rows(recipe, lora) if lora is not None else None
     if as_json:
         print(json.dumps({**report, "memory": memory} if memory is not None else report, indent=2))

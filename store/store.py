@@ -404,7 +404,11 @@ class FeatureStore:
         With `fingerprint` (the encoder's or the group's), a group of that name made with another
         configuration raises FingerprintMismatchError instead of silently mixing numbers.
         """
+        from .encoder_names import canonical_encoder_name
+
         keys = self.encoder_keys()
+        if name_or_key not in keys:
+            name_or_key = canonical_encoder_name(name_or_key)  # a generic spec in any spelling
         if name_or_key in keys:
             group = self.group(name_or_key)
             candidates = [group]

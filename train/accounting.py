@@ -144,6 +144,15 @@ def connector_flops(connector: Connector) -> int:
     return int(counter.get_total_flops())
 
 
+@dataclass(frozen=True)
+class EncoderCost:
+    """An encoder measured rather than described: parameters and forward FLOPs per sample, from a
+    meta-device build (`merv.extract.encoders.cost`; any registry name or generic spec)."""
+
+    params: int
+    flops: int
+
+
 @dataclass
 class ModelReport:
     """Per-component parameters and per-sample FLOPs (see module doc for the conventions)."""
@@ -173,14 +182,15 @@ def model_report(
     connector_config: ConnectorConfig | None = None,
     llm_config: Any = None,
     *,
-    encoders: dict[str, PaperEncoder | tuple[int, int]] | None = None,
+    encoders: dict[str, PaperEncoder | EncoderCost | tuple[int, int]] | None = None,
     seq_len: int,
     train_llm: bool = True,
 ) -> ModelReport:
     """Parameters per component and FLOPs per sample, without weights.
 
-    `encoders`: per encoder name a `PaperEncoder` (ViT shapes) or `(params, tokens)`, whose forward
-    FLOPs are taken as 2 * params * tokens; default: the paper encoders for the names they know.
+    `encoders`: per encoder name a `PaperEncoder` (ViT shapes), an `EncoderCost` (measured), or
+    `(params, tokens)`, whose forward FLOPs are taken as 2 * params * tokens; default: the paper
+    encoders for the names they know.
     `seq_len` is the LLM sequence (BOS + visual tokens + text); it must hold the visual tokens.
     """
     from .llm import llama2_7b_config
@@ -199,6 +209,9 @@ def model_report(
         if isinstance(enc, PaperEncoder):
             report.params[f"encoder/{s.name}"] = enc.vit.params()
             report.flops[f"encoder/{s.name}"] = enc.vit.forward_flops(enc.frames)
+        elif isinstance(enc, EncoderCost):
+            report.params[f"encoder/{s.name}"] = int(enc.params)
+            report.flops[f"encoder/{s.name}"] = int(enc.flops)
         else:
             params, tokens = enc
             report.params[f"encoder/{s.name}"] = int(params)

@@ -74,6 +74,10 @@ class ModelConfig:
     init_from: str | None = None  # a `merv train` export to start from (stage chaining)
 
     def __post_init__(self) -> None:
+        from merv.store.encoder_names import canonical_encoder_name
+
+        # generic specs (timm:... / hf:...) in their one spelling: the store's groups are named so
+        object.__setattr__(self, "encoders", tuple(canonical_encoder_name(e) for e in self.encoders))
         if not self.encoders or len(set(self.encoders)) != len(self.encoders):
             raise ValueError(f"encoders must be distinct names, at least one, got {list(self.encoders)}")
         tokens = self.connector.tokens_per_frame
@@ -92,6 +96,10 @@ class ModelConfig:
         if self.encoder_size != "paper":
             raise ConfigError(f"model.encoder_size {self.encoder_size!r}: random encoders have no fixed shapes; "
                               "pass the feature specs from the store")
+        unknown = [e for e in self.encoders if e not in PAPER_ENCODERS]
+        if unknown:
+            raise ConfigError(f"model.encoders {unknown}: no paper shapes for them; their shapes come from a feature store "
+                              "(pass --store with the extracted features)")
         return [PAPER_ENCODERS[e].spec for e in self.encoders]
 
     def build(self, specs: list[FeatureSpec] | None = None, *, seed: int = 0, **kwargs: Any) -> Any:
@@ -132,13 +140,28 @@ class ModelConfig:
             raise ConfigError(f"model.init_from {self.init_from}: its encoders {list(have)} / grids differ from the data's")
         return model
 
-    def report(self, seq_len: int | None = None) -> Any:
-        """Parameters and FLOPs per sample at paper size, from a meta build (no weights)."""
-        from .accounting import model_report
+    def report(self, seq_len: int | None = None, measured: Mapping[str, tuple[FeatureSpec, Any]] | None = None) -> Any:
+        """Parameters and FLOPs per sample at paper size, from a meta build (no weights).
+
+        `measured`: name -> (FeatureSpec, accounting.EncoderCost) for encoders without paper shapes
+        (generic specs, hiera), measured by `merv.extract.encoders.cost`; train never builds encoders."""
+        from .accounting import PAPER_ENCODERS, model_report
 
         if seq_len is not None and seq_len < 1:
             raise ConfigError(f"seq_len {seq_len} (--seq-len) must be a positive token count")
-        return model_report(self.feature_specs(), self.connector, seq_len=seq_len or self.llm.max_length)
+        measured = dict(measured or {})
+        known = {e: PAPER_ENCODERS[e].spec for e in self.encoders if e in PAPER_ENCODERS}
+        known |= {n: spec for n, (spec, _) in measured.items()}
+        missing = [e for e in self.encoders if e not in known]
+        if missing:
+            raise ConfigError(f"model.encoders {missing}: no paper shapes; `merv model info --encoders` measures them")
+        try:
+            return model_report([known[e] for e in self.encoders], self.connector, seq_len=seq_len or self.llm.max_length,
+                                encoders={n: cost for n, (_, cost) in measured.items()})
+        except ValueError as exc:  # the connector cannot take these encoders' grids (says which and why)
+            if isinstance(exc, MervError):
+                raise
+            raise ConfigError(str(exc)) from exc
 
 
 # ------------------------------------------------------------------------------------ data

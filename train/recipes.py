@@ -16,6 +16,7 @@ Values are the paper's / reference configs' (DESIGN.md table; princetonvisualai/
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ from merv import MervError
 from .accounting import PAPER_ENCODER_ORDER
 from .config import FLAT_KEYS, RunConfig, from_flat
 from .configurable import build_config_layers, closest, merge, parse_overrides, read_config_file
+from .specs import FeatureSpec
 
 DEFAULT_RECIPE = "tiny"  # what `merv train` starts from when neither a flag nor the config file names one
 
@@ -122,9 +124,16 @@ def get_recipe(name: str, stage: str | None = None) -> RunConfig:
     return RECIPES[name]() if stage is None else RECIPES[name](stage=stage)
 
 
-def recipe_report(name: str, seq_len: int | None = None) -> Any:
-    """`merv model info`: the recipe's parameters and FLOPs at paper size (its encoders must be)."""
-    return _paper_size(name).report(seq_len)
+def recipe_report(name: str, seq_len: int | None = None, encoders: Sequence[str] | None = None,
+                  measured: Mapping[str, tuple[FeatureSpec, Any]] | None = None) -> Any:
+    """`merv model info`: the recipe's parameters and FLOPs at paper size (its encoders must be).
+
+    `encoders` replaces the recipe's; those without paper shapes come with `measured` (name ->
+    (FeatureSpec, accounting.EncoderCost), see `merv.extract.encoders.cost`)."""
+    model = _paper_size(name)
+    if encoders:
+        model = dataclasses.replace(model, encoders=tuple(encoders))
+    return model.report(seq_len, measured)
 
 
 def _paper_size(name: str) -> Any:
