@@ -165,7 +165,9 @@ def store_info_cmd(
                           str(s["failed"]), str(s["pending"]), "-" if bps is None else f"{bps / 1024:.1f}")
     console.print(table)
     for g in info["encoders"]:
-        console.print(f"{g['key']}: fingerprint {g['fingerprint']}, {g['bytes_on_disk'] / 2**20:.2f} MiB on disk")
+        codecs = "; ".join(f"{name}: {chain}" for name, chain in g["codecs"].items())
+        console.print(f"{g['key']}: fingerprint {g['fingerprint']}, {g['bytes_on_disk'] / 2**20:.2f} MiB on disk, "
+                      f"codecs {codecs}")
 
 
 @store_app.command("verify")
@@ -192,7 +194,7 @@ def extract_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML / JSON file of extraction options (keys as in --print-config)"),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE override of any option, e.g. --set batch_size=16; repeatable"),
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved options as YAML and exit"),
-    encoders: list[str] = typer.Option([], "--encoders", help=f"encoder names (default: the paper's four); {LIST_HELP}"),
+    encoders: list[str] = typer.Option([], "--encoders", help=f"encoder names (default: the paper's four), hiera, or specs timm:<arch>.<tag> / hf:<repo|dir> with ?layer=N&frames=N; {LIST_HELP}"),
     weights: Optional[str] = typer.Option(None, help="directory with the encoders' weights (else the HF cache, offline); 'random': random init (benchmarks)"),
     grid: Optional[str] = typer.Option(None, help="cache pooled to HxW (default 8x8: least I/O) or 'native' (every token-count ablation)"),
     encoding: Optional[str] = typer.Option(None, help="fp16 (default) | bitround | int8"),
@@ -212,6 +214,8 @@ def extract_cmd(
                                                      "decord; all give identical frames"),
     resize_at: Optional[str] = typer.Option(None, "--resize-at", help="decode (default: decode tasks ship each encoder's "
                                             "resized pixels) | encoder (ship full frames; resize on the encoder's device)"),
+    codec: Optional[str] = typer.Option(None, help="codec chain of new encoder groups: none | zstd-<level> | "
+                                        "blosc-<cname>-<level>-<shuffle> (default: the encoding's measured choice)"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="redo shards that hold recorded failures"),
     samples_per_shard: Optional[int] = typer.Option(None, help="samples per shard of a new store (else ~128 MiB shards)"),
     allow_download: bool = typer.Option(False, "--allow-download", help="let missing weights be fetched from the Hub"),
@@ -238,7 +242,7 @@ def extract_cmd(
              "batch_size": batch_size, "inflight_per_worker": inflight, "max_inflight_bytes": max_inflight_bytes,
              "stop_grace_s": stop_grace, "decode_cpus": decode_cpus, "worker_cpus": worker_cpus,
              "torch_threads": torch_threads, "device": device, "decoder": decoder, "resize_at": resize_at,
-             "samples_per_shard": samples_per_shard,
+             "codec": codec, "samples_per_shard": samples_per_shard,
              "retry_failed": retry_failed or None, "allow_download": allow_download or None,
              "storage_options": _json_option(storage_options, "--storage-options")}
     opts = load_extract_options(str(config) if config else None, overrides,
@@ -277,14 +281,18 @@ def model_info_cmd(
     recipe: str = typer.Argument("merv-frozen", help="recipe name (merv-frozen, merv-full, dinov2-single, "
                                                      "qwen2.5-7b-instruct, llama3-8b-instruct, ...)"),
     seq_len: Optional[int] = typer.Option(None, help="LLM sequence length for FLOPs (default: the recipe's max length)"),
+    encoders: list[str] = typer.Option([], "--encoders", help=f"replace the recipe's encoders (names, hiera, timm:... / hf:... specs; measured on the meta device); {LIST_HELP}"),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON document"),
+    lora: Optional[str] = typer.Option(
+        None, "--lora", help="also the training memory, full finetune vs LoRA: r=16[,alpha=32,target_modules=q_proj+v_proj]"),
 ) -> None:
     """Parameters per component and analytic FLOPs per sample, from a meta-device build (no weights)."""
-    from merv.train.recipes import recipe_report
+    from merv.pipelines.model_info import model_info
 
-    report = recipe_report(recipe, seq_len).to_dict()
+    report = model_info(recipe, seq_len, _listed(encoders)).to_dict()
+    memory = _memory_rows(recipe, lora) if lora is not None else None
     if as_json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps({**report, "memory": memory} if memory is not None else report, indent=2))
         return
     table = Table("component", "parameters (M)", "GFLOPs / sample")
     flops = report["flops"]
@@ -296,6 +304,28 @@ def model_info_cmd(
     console.print(f"total {report['total_params'] / 1e6:,.1f}M parameters; {report['total_flops'] / 1e12:,.2f} TFLOPs per "
                   f"training sample at seq_len {report['seq_len']} (LLM forward + backward, encoders forward); "
                   f"encoders are {100 * enc / report['total_flops']:.1f}% of it: what feature caching removes")
+    if memory is not None:
+        gib = 2.0**30
+        table = Table("training", "params (M)", "trainable (M)", "weights GiB", "grads GiB", "AdamW m+v GiB",
+                      "total GiB")
+        for row in memory:
+            table.add_row(row["setup"], f"{row['params'] / 1e6:,.1f}", f"{row['trainable'] / 1e6:,.2f}",
+                          f"{row['weight_bytes'] / gib:,.2f}", f"{row['grad_bytes'] / gib:,.2f}",
+                          f"{row['optimizer_bytes'] / gib:,.2f}", f"{row['total_bytes'] / gib:,.2f}")
+        console.print(table)
+        console.print("whole model, before FSDP divides it over ranks; activations not included. The trainer keeps "
+                      "fp32 weights (the master copy; bf16 compute copies are per layer and transient), gradients "
+                      "and AdamW state for the trainable parameters only.")
+
+
+def _memory_rows(recipe: str, spec: str) -> list[dict[str, Any]]:
+    from merv.train.lora import parse_lora_spec
+    from merv.train.recipes import recipe_memory
+
+    config = parse_lora_spec(spec)
+    if not config.enabled:
+        _fail(f"--lora {spec!r}: give the adapter rank, e.g. --lora r=16")
+    return [row.to_dict() for row in recipe_memory(recipe, config)]
 
 
 def _json_option(value: Optional[str], flag: str) -> Any:

@@ -5,12 +5,17 @@ written per encoding. Then, for the same samples:
   loader      StreamingLoader (the training path: deterministic order, per-rank row reads,
               tokenisation, collation into tensors), one epoch, num_workers 0 and 1; the rate is
               taken after the first micro-batch (worker start-up is reported apart)
-  codec_only  read every shard file and decode its chunks with crc32c + zstd (+ int8 scales)
+  codec_only  read every shard file and decode its chunks with the codecs alone, one thread
+              (crc32c + the store's default chain, + int8 scales)
   limit       the memory-bandwidth limit: read the same shard files from the page cache and
               crc32c every byte, on all cores (no decompression, no copies into tensors)
 Prints JSON with samples/s, MB/s of decoded features, loader / codec_only and loader / limit.
+The features are random normal arrays (a few channels scaled up): fine for the loader's rate, and
+exact for fp16 (stored uncompressed); compressed sizes of bitround / int8 differ from real
+features' (codec_bench measures those).
 
     python -m merv.benchmarks.loader_bench --samples 128
+    python -m merv.benchmarks.loader_bench --samples 128 --encodings fp16 --chain zstd-3   # the old chain
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ import numpy as np
 
 from merv.benchmarks.store_bench import codec_only
 from merv.store import EncoderGroupSpec, FeatureStore, SampleRecord
+from merv.store.codecs import DEFAULT_CHAINS
 
 PAPER = [("languagebind", 1024), ("dinov2", 1024), ("vivit", 768), ("siglip", 768)]
 GRID = (16, 8, 8)
 
 
-def build(root: Path, encoding: str, samples: int) -> tuple[str, str]:
+def build(root: Path, encoding: str, samples: int, chain: str | None = None) -> tuple[str, str]:
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -41,7 +47,8 @@ def build(root: Path, encoding: str, samples: int) -> tuple[str, str]:
     st.add_samples([SampleRecord(f"v{i:05d}", f"synthetic://{i}") for i in range(samples)])
     rng = np.random.default_rng(0)
     for name, dim in PAPER:
-        g = st.ensure_group(EncoderGroupSpec(name, "bench", GRID, dim, framewise=False, encoding=encoding))  # type: ignore[arg-type]
+        spec = EncoderGroupSpec(name, "bench", GRID, dim, framewise=False, encoding=encoding)  # type: ignore[arg-type]
+        g = st.ensure_group(spec, chain=chain)
         for shard in range(g.num_shards("video")):
             rows = g.shard_range("video", shard)
             x = rng.standard_normal((len(rows), *GRID, dim), dtype=np.float32)
@@ -133,12 +140,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="/tmp/merv-loader-bench")
     ap.add_argument("--encodings", default="fp16,bitround,int8")
+    ap.add_argument("--chain", default=None, help="codec chain of every store (merv.store.codecs); default: each "
+                                                  "encoding's DEFAULT_CHAINS entry")
     args = ap.parse_args()
+    load_before = os.getloadavg()
     results = []
     for encoding in args.encodings.split(","):
-        data_json, store = build(Path(args.out) / encoding, encoding, args.samples)
+        data_json, store = build(Path(args.out) / encoding, encoding, args.samples, args.chain)
         codec_s, codec_b = min((codec_only_all(store) for _ in range(args.repeats)), key=lambda r: r[0])
-        row = {"encoding": encoding, "samples": args.samples, "grid": list(GRID), "encoders": [n for n, _ in PAPER],
+        row = {"encoding": encoding, "chain": args.chain or DEFAULT_CHAINS[encoding], "samples": args.samples,
+               "grid": list(GRID), "encoders": [n for n, _ in PAPER],
                "codec_only_samples_per_s": args.samples / codec_s, "codec_only_MBps": codec_b / codec_s / 1e6}
         limit_s, limit_b = min((page_cache_limit(store) for _ in range(args.repeats)), key=lambda r: r[0])
         row["limit_samples_per_s"] = args.samples / limit_s
@@ -154,7 +165,8 @@ def main() -> None:
         results.append(row)
         shutil.rmtree(Path(args.out) / encoding)
     print(json.dumps({"benchmark": "loader", "machine": platform.machine(), "cores": os.cpu_count(),
-                      "results": results}, indent=1))
+                      "load_avg_before": [round(v, 2) for v in load_before],  # a busy machine skews every rate
+                      "load_avg_after": [round(v, 2) for v in os.getloadavg()], "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,19 +18,16 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from merv.benchmarks.extract_bench import write_clips
 from merv.serve.app import ServeConfig
+from merv.serve.process import serve_process
 
 KEY = "sk-bench"
 TINY_ENCODERS = ("dinov2", "vivit")
@@ -50,32 +47,6 @@ def tiny_export(directory: Path) -> Path:
     out = directory / "tiny" / "export"
     save_merv(model, out, extra={"recipe": "tiny", "encoder_size": "tiny"})
     return out
-
-
-def start_server(export: Path, device: str | None, batch_window_ms: float) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "merv.cli", "serve", str(export), "--port", str(port), "--api-key", KEY,
-           "--model-name", "bench", "--batch-window-ms", str(batch_window_ms)]
-    if device:
-        cmd += ["--device", device]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"merv serve exited: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, f"{base}/v1"
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("merv serve did not come up in 10 minutes")
-        time.sleep(0.2)
 
 
 def run_clients(base_url: str, clips: list[Path], clients: int, requests: int, max_tokens: int) -> dict[str, Any]:
@@ -129,13 +100,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         export = Path(args.export) if args.export else tiny_export(work)
         h, w = (int(v) for v in args.clip_hw.lower().split("x"))
         clips = write_clips(work, 4, 32, (h, w))
-        proc, base = start_server(export, args.device, args.batch_window_ms)
-        try:
-            run_clients(base, clips, 1, 2, args.max_tokens)  # warm-up: the LLM loads on first use
-            levels = [run_clients(base, clips, int(c), args.requests, args.max_tokens) for c in args.clients.split(",")]
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+        serve_args = ["--api-key", KEY, "--model-name", "bench", "--batch-window-ms", str(args.batch_window_ms),
+                      *(["--device", args.device] if args.device else [])]
+        with serve_process(export, serve_args, timeout_s=600) as server:
+            run_clients(server.api, clips, 1, 2, args.max_tokens)  # warm-up: the LLM loads on first use
+            levels = [run_clients(server.api, clips, int(c), args.requests, args.max_tokens)
+                      for c in args.clients.split(",")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     single = levels[0]["requests_per_s"]

@@ -3,7 +3,8 @@
 For each (grid, dim, encoding) it writes a local store of random features (16 frames), then
 measures (a) streaming whole shards through `FeatureReader.iter_shards`, (b) random access by
 id, and (c) the practical limit: reading the same shard files and decoding every chunk with the
-codecs alone (crc32c check + zstd, + int8 dequantisation where used). Prints one JSON object.
+codecs alone (crc32c check + the array's codec chain, + int8 dequantisation where used). Prints
+one JSON object. Random normal features: fine for read rates, not for choosing codecs (codec_bench).
 
     python -m merv.benchmarks.store_bench --samples 32 --out /tmp/merv-store-bench
 """
@@ -14,21 +15,15 @@ import argparse
 import json
 import platform
 import shutil
-import struct
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numcodecs import Zstd
 
 from merv.store import EncoderGroupSpec, FeatureReader, FeatureStore, SampleRecord, store_info
 from merv.store.encodings import dequantize_int8
-
-try:  # crc32c ships with zarr's dependencies
-    from crc32c import crc32c
-except ImportError:  # pragma: no cover
-    from google_crc32c import value as crc32c  # type: ignore[no-redef]
+from merv.store.shard_reader import decode_shard
 
 CASES = [("pooled-8x8", (16, 8, 8), 1024), ("pooled-8x8", (16, 8, 8), 768),
          ("native", (16, 16, 16), 1024), ("native", (16, 14, 14), 768)]
@@ -56,35 +51,21 @@ def build(path: Path, grid: tuple[int, int, int], dim: int, encoding: str, sampl
 
 
 def codec_only(st: FeatureStore) -> tuple[float, int]:
-    """Seconds and decoded bytes to read every shard file and decode its chunks with the codecs."""
+    """Seconds and decoded bytes to read every shard file and decode its chunks with the codecs
+    alone, one thread (`shard_reader.decode_shard`: crc32c + the array's codec chain)."""
     group = st.group(st.encoder_keys()[0])
-    root = Path(st.url) / group.key
-    zstd = Zstd()
-    int8 = group.spec.encoding == "int8"
+    arrays = [group.array("video")] + ([group.scales("video")] if group.spec.encoding == "int8" else [])
     t0 = time.perf_counter()
     out_bytes = 0
     for shard in range(group.num_shards("video")):
-        arrays = ["video", "video_scales"] if int8 else ["video"]
-        decoded: list[list[np.ndarray]] = []
-        for name in arrays:
-            blob = (root / name / "c" / str(shard) / "0" / "0" / "0" / "0").read_bytes() if name == "video" else \
-                (root / name / "c" / str(shard) / "0" / "0" / "0").read_bytes()
-            n = len(group.shard_range("video", shard))
-            index = np.frombuffer(blob[-(16 * group.samples_per_shard["video"] + 4):-4], dtype="<u8").reshape(-1, 2)
-            chunks = []
-            for off, size in index[:n]:
-                raw = blob[off:off + size]
-                payload, crc = raw[:-4], struct.unpack("<I", raw[-4:])[0]
-                if crc32c(payload) != crc:
-                    raise RuntimeError("checksum mismatch")
-                chunks.append(np.frombuffer(zstd.decode(payload), dtype="int8" if name == "video" and int8 else
-                                            ("float32" if name == "video_scales" else "float16")))
-            decoded.append(chunks)
-        if int8:
-            for q, s in zip(*decoded):
-                out_bytes += dequantize_int8(q.reshape(-1, group.spec.dim), s).nbytes
-        else:
-            out_bytes += sum(c.nbytes for c in decoded[0])
+        n = len(group.shard_range("video", shard))
+        decoded = []
+        for arr in arrays:
+            key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+            out = np.empty((n, *arr.shape[1:]), dtype=arr.dtype)
+            decode_shard(arr, (Path(st.url) / arr.path / key).read_bytes(), out)
+            decoded.append(out)
+        out_bytes += (dequantize_int8(*decoded) if len(decoded) == 2 else decoded[0]).nbytes
     return time.perf_counter() - t0, out_bytes
 
 

@@ -29,7 +29,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from merv import MervError
 from merv.store import FeatureStore, LeaseLostError, parse_grid
+from merv.store.codecs import compressors
 from merv.store.group import lease_key
 from merv.store.lease import DEFAULT_TTL_S, HEARTBEATS_PER_TTL, HeldBy, Lease, default_owner, try_acquire_all
 from merv.store.paper import PAPER_ENCODER_NAMES
@@ -96,8 +98,15 @@ class ExtractOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec's, for URL sources, videos and the store
     decoder: str = "auto"  # auto (decord when installed, else PyAV) | pyav | decord: identical frames, see decode_bench
     resize_at: str = "decode"  # decode: decode tasks ship each encoder's resized pixels | encoder: full frames (see pixels.py)
+    codec: str | None = None  # codec chain of new groups' values (none | zstd-3 | blosc-lz4-5-bitshuffle ...); None: the encoding's measured default (store/codecs.py)
 
     def __post_init__(self) -> None:
+        from merv.store.encoder_names import EncoderNameError, canonical_encoder_name
+
+        try:  # one spelling per encoder: group names, worker configs and plans key by it
+            self.encoders = [canonical_encoder_name(n) for n in self.encoders]
+        except EncoderNameError as exc:
+            raise ExtractError(f"--encoders: {exc}") from exc
         if self.max_inflight_bytes is not None:
             self.max_inflight_bytes = parse_bytes(self.max_inflight_bytes, "max_inflight_bytes")
         for name in ("batch_size", "inflight_per_worker"):
@@ -107,6 +116,11 @@ class ExtractOptions:
             raise ExtractError(f"device {self.device!r}: use auto, cpu or cuda")
         if self.resize_at not in RESIZE_AT:
             raise ExtractError(f"resize_at {self.resize_at!r}: use decode (decode tasks ship resized pixels) or encoder")
+        if self.codec is not None:
+            try:
+                compressors(self.codec)
+            except ValueError as exc:
+                raise ExtractError(f"codec: {exc}") from exc
         from .video import check_backend
 
         check_backend(self.decoder)
@@ -217,16 +231,28 @@ def _encoder_infos(names: list[str], size: str, weights: str | None) -> dict[str
     """Encoder identities for the group fingerprints. Paper models are built on the meta device
     (identity does not depend on reading the weights); small / tiny ones for real, since their weights
     file is fingerprinted by its hash."""
-    from .encoders import ENCODERS, build_encoder
+    from merv.store.encoder_names import EncoderNameError
 
-    unknown = [n for n in names if n not in ENCODERS]
-    if unknown or not names:
-        raise ExtractError(f"--encoders: unknown encoder(s) {', '.join(unknown) or '(none given)'}; "
-                           f"known: {', '.join(ENCODERS)}")
+    from .encoders import ENCODERS, build_encoder
+    from .encoders.registry import check_encoder_name
+
+    if not names:
+        raise ExtractError(f"--encoders: no encoder given; known: {', '.join(ENCODERS)}, or timm:... / hf:... specs")
     try:
-        return {n: build_encoder(n, size=size, weights=weights, meta=size == "paper").info for n in names}
-    except ValueError as exc:  # the size variant (or a weights option) the encoder does not have
-        raise ExtractError(f"--size {size}: {exc}") from exc
+        names = [check_encoder_name(n) for n in names]
+    except EncoderNameError as exc:
+        raise ExtractError(f"--encoders: {exc}") from exc
+    infos = {}
+    for n in names:
+        try:
+            infos[n] = build_encoder(n, size=size, weights=weights, meta=size == "paper").info
+        except EncoderNameError as exc:  # a generic spec naming a model the library does not have
+            raise ExtractError(f"--encoders: {exc}") from exc
+        except ValueError as exc:  # the size variant (or a weights option) the encoder does not have
+            if isinstance(exc, MervError):
+                raise
+            raise ExtractError(f"--size {size}: {exc}") from exc
+    return infos
 
 
 def cluster_address(opts: ExtractOptions) -> str | None:
@@ -241,8 +267,12 @@ def check_weights_here(infos: dict[str, Any], opts: ExtractOptions) -> None:
 
     if opts.size != "paper" or opts.weights == "random" or opts.allow_download:
         return
+    from merv.store.encoder_names import slug
+
     for name, info in infos.items():
-        resolve_weights(info.model_id, opts.weights, aliases=(name,))
+        if name.startswith("hf:"):  # its build (see _encoder_infos) already read the repo from disk
+            continue
+        resolve_weights(info.model_id, opts.weights, aliases=(name, slug(name)))
 
 
 def prepare_store(source: str | None, store_url: str, opts: ExtractOptions) -> tuple[FeatureStore, list[str], DecodePlan]:
@@ -284,7 +314,7 @@ def prepare_store(source: str | None, store_url: str, opts: ExtractOptions) -> t
             store.add_samples(records)
         except ValueError as exc:  # an id already in the store for another video / window
             raise ExtractError(str(exc)) from exc
-        keys = [store.ensure_group(s).key for s in specs]
+        keys = [store.ensure_group(s, chain=opts.codec).key for s in specs]
     return store, keys, DecodePlan.for_encoders(frames, infos, opts.resize_at)
 
 

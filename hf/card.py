@@ -34,7 +34,7 @@ def model_card(config: MervConfig, eval_summary: dict[str, Any] | None = None) -
         f"| recipe | {recipe.get('recipe', '-')} |",
         f"| stage | {recipe.get('stage', '-')} |",
         f"| training steps | {recipe.get('steps', '-')} |",
-        f"| LLM | {llm} ({'weights included' if config.llm_saved else 'weights not included: loaded from the LLM source'}) |",
+        f"| LLM | {llm} ({_llm_weights(config)}) |",
         f"| prompt format | {config.prompt_format} |",
         f"| fusion | {config.connector.get('fusion', '-')}, projector {config.connector.get('projector', '-')}, "
         f"{config.connector.get('tokens_per_frame', '-')} tokens per frame |",
@@ -69,3 +69,12 @@ def model_card(config: MervConfig, eval_summary: dict[str, Any] | None = None) -
             acc = row.get("accuracy")
             lines.append(f"| {name} | {'-' if acc is None else f'{100 * acc:.1f}%'} | {row.get('n', row.get('count', '-'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _llm_weights(config: Any) -> str:
+    if config.llm_saved:
+        return "weights included"
+    adapter = getattr(config, "llm_adapter", None)
+    if adapter:
+        return f"base weights loaded from the LLM source, LoRA adapter in `{adapter}/` (PEFT)"
+    return "weights not included: loaded from the LLM source"

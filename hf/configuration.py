@@ -34,6 +34,7 @@ class MervConfig(PretrainedConfig):
         llm_saved: bool = True,
         visual_after_bos: bool = True,
         recipe: dict[str, Any] | None = None,
+        llm_adapter: str | None = None,
         visual_anchor: list[int] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -48,6 +49,8 @@ class MervConfig(PretrainedConfig):
         self.llm_source = llm_source  # registry id / path the LLM came from (needed when llm_saved is False)
         self.llm_saved = bool(llm_saved)  # False: align-stage export, the LLM weights come from llm_source
         self.visual_after_bos = bool(visual_after_bos)  # visual tokens follow BOS (False: Qwen-style, no BOS)
+        # a LoRA adapter export: PEFT adapter files in this subfolder, applied to the LLM of llm_source
+        self.llm_adapter = llm_adapter
         # without BOS: the visual tokens follow the first occurrence of these ids (the chat template's
         # user-turn opening, merv.train.prompts.user_turn_anchor); None: they go first
         self.visual_anchor = [int(i) for i in visual_anchor] if visual_anchor else None

@@ -8,7 +8,9 @@ start of the user turn, exactly as in training), then decoding runs on `inputs_e
 sampling option, stopping rule and streamer transformers offers.
 
 An align-stage export may leave the LLM out (`config.llm_saved = False`): `from_pretrained` then
-reads the LLM from `config.llm_source` and only the connector from the directory.
+reads the LLM from `config.llm_source` and only the connector from the directory. A LoRA adapter
+export (`config.llm_adapter`) also leaves it out and merges the PEFT adapter of that subfolder into
+it (merv.train.lora); `llm_source` may name a directory inside the export (`base_llm`).
 """
 
 from __future__ import annotations
@@ -88,9 +90,11 @@ class MervForConditionalGeneration(MervPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_merv_model(cls, model: MervModel, *, encoders: list[dict[str, Any]] | None = None,
-                        recipe: dict[str, Any] | None = None, llm_saved: bool = True) -> MervForConditionalGeneration:
+                        recipe: dict[str, Any] | None = None, llm_saved: bool = True,
+                        llm_adapter: str | None = None) -> MervForConditionalGeneration:
         """Wrap a training `MervModel` (its modules are shared, not copied)."""
-        config = config_of(model, encoders=encoders or model.encoders or None, recipe=recipe, llm_saved=llm_saved)
+        config = config_of(model, encoders=encoders or model.encoders or None, recipe=recipe, llm_saved=llm_saved,
+                           llm_adapter=llm_adapter)
         hf = cls(config, llm=model.llm, connector=model.connector)
         if getattr(model.llm, "generation_config", None) is not None:
             hf.generation_config = model.llm.generation_config
@@ -242,7 +246,7 @@ class MervForConditionalGeneration(MervPreTrainedModel, GenerationMixin):
 
 
 def config_of(model: MervModel, *, encoders: list[dict[str, Any]] | None = None, recipe: dict[str, Any] | None = None,
-              llm_saved: bool = True) -> MervConfig:
+              llm_saved: bool = True, llm_adapter: str | None = None) -> MervConfig:
     """The `MervConfig` describing a training `MervModel`."""
     text_config = model.llm.config
     tok = model.tokenizer
@@ -254,6 +258,7 @@ def config_of(model: MervModel, *, encoders: list[dict[str, Any]] | None = None,
         prompt_format=model.prompt_format,
         llm_source=model.llm_source,
         llm_saved=llm_saved,
+        llm_adapter=llm_adapter,
         visual_after_bos=model.bos_token_id is not None,
         visual_anchor=list(model.visual_anchor) if model.visual_anchor else None,
         recipe=recipe,
@@ -280,7 +285,13 @@ def _connector_only(cls: type[MervForConditionalGeneration], root: Path, config:
         raise CheckpointError(f"{root}: the LLM was not saved and no llm_source is recorded; re-export it with its LLM")
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    llm, _ = load_llm(config.llm_source, dtype=dtype if isinstance(dtype, torch.dtype) else torch.bfloat16)
+    inside = root / config.llm_source  # an adapter export of an in-process LLM carries its base
+    source = str(inside) if config.llm_adapter and inside.is_dir() else config.llm_source
+    llm, _ = load_llm(source, dtype=dtype if isinstance(dtype, torch.dtype) else torch.bfloat16)
+    if config.llm_adapter:
+        from merv.train.lora import load_adapter
+
+        llm = load_adapter(llm, root / config.llm_adapter)
     model = cls(config, llm=llm)
     state = load_file(str(root / WEIGHTS_NAME))
     load_strict(model.connector, {k[len("connector."):]: v for k, v in state.items() if k.startswith("connector.")},

@@ -43,7 +43,7 @@ class UnknownEncoderError(StoreError):
         have = ", ".join(available) if available else "none"
         super().__init__(
             f"encoder {name!r} is not in the store {url!r} (encoder groups present: {have}). "
-            f"Extract it with `merv extract ... --encoders {name.split('-')[0]}` or choose one of those present."
+            f"Extract it with `merv extract ... --encoders {name if ':' in name else name.split('-')[0]}` or choose one of those present."
         )
         self.name = name
 

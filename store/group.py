@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.codecs.numcodecs import BitRound
 from zarr.core.sync import sync
 
 from . import shard_reader
+from .codecs import compressors, default_chain
 from .encodings import FP16_MAX, dequantize_int8, quantize_int8
 from .errors import StoreDataError, StoreMetadataError
 from .kv import GroupKV
@@ -27,7 +27,6 @@ from .schema import KINDS, CommitRecord, EncoderGroupSpec
 # metadata and our reader undoes it, so zarr's portability warning is noise here.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning)
 
-ZSTD_LEVEL = 3
 # Every row of a written shard is stored, zeros included (failed rows): a shard's bytes never
 # depend on its values, and an absent chunk of a committed shard can only mean damage. zarr keeps
 # this setting only on the Array object it was given to, so every open applies it (`array()`).
@@ -83,15 +82,19 @@ class EncoderGroup:
     # ---------------------------------------------------------------- creation / layout
     @staticmethod
     def create(
-        root: zarr.Group, spec: EncoderGroupSpec, rows: dict[str, int], samples_per_shard: dict[str, int], url: str
+        root: zarr.Group, spec: EncoderGroupSpec, rows: dict[str, int], samples_per_shard: dict[str, int], url: str,
+        chain: str | None = None,
     ) -> "EncoderGroup":
+        """Create the group's arrays. `chain` names the values' codec chain (`merv.store.codecs`);
+        None takes the encoding's measured default. It is lossless, so not part of the fingerprint."""
         group = root.create_group(spec.key(), attributes={"merv_encoder": spec.to_json()})
         for kind in KINDS:
-            EncoderGroup._create_arrays(group, spec, kind, rows[kind], samples_per_shard[kind])
+            EncoderGroup._create_arrays(group, spec, kind, rows[kind], samples_per_shard[kind], chain)
         return EncoderGroup(group, samples_per_shard, url)
 
     @staticmethod
-    def _create_arrays(group: zarr.Group, spec: EncoderGroupSpec, kind: str, rows: int, per_shard: int) -> None:
+    def _create_arrays(group: zarr.Group, spec: EncoderGroupSpec, kind: str, rows: int, per_shard: int,
+                       chain: str | None) -> None:
         shape = spec.stored_shape(kind)
         dtype = "int8" if spec.encoding == "int8" else "float16"
         filters: Any = [BitRound(keepbits=spec.bitround_keepbits)] if spec.encoding == "bitround" else None
@@ -102,7 +105,7 @@ class EncoderGroup:
             shards=(per_shard, *shape),
             dtype=dtype,
             filters=filters,
-            compressors=[ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()],
+            compressors=compressors(chain or default_chain(spec.encoding)),
             fill_value=0,
             config=ARRAY_CONFIG,
             dimension_names=("sample", "t", "h", "w", "d"),
@@ -114,7 +117,7 @@ class EncoderGroup:
                 chunks=(1, *shape[:3]),
                 shards=(per_shard, *shape[:3]),
                 dtype="float32",
-                compressors=[ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()],
+                compressors=compressors(default_chain(spec.encoding, scales=True)),
                 fill_value=0,
                 config=ARRAY_CONFIG,
                 dimension_names=("sample", "t", "h", "w"),
@@ -278,37 +281,44 @@ class EncoderGroup:
         return try_acquire(self.kv, lease_key(kind, shard), owner, ttl)
 
     # ---------------------------------------------------------------- reading
-    def read_rows(self, kind: str, rows: np.ndarray | slice, must_exist: np.ndarray | None = None) -> np.ndarray:
+    def read_rows(self, kind: str, rows: np.ndarray | slice, must_exist: np.ndarray | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
         """Decoded float16 features of the given rows (no commit check: callers do that).
 
         Arbitrary rows go through `merv.store.shard_reader` (one index read per shard, chunks fetched
         and decoded concurrently); slices, and layouts it does not know, through zarr. Absent data
         reads as zeros, except rows in `must_exist` (committed, not failed): MissingShardDataError.
+        `out`: a C-contiguous float16 array of the result's shape to decode into (see `fetch_rows`).
         """
-        return self.decode(*sync(self.fetch_rows(kind, rows, must_exist)))
+        return self.decode(*sync(self.fetch_rows(kind, rows, must_exist, out)), out=out)
 
     def fetch_rows(
-        self, kind: str, rows: np.ndarray | slice, must_exist: np.ndarray | None = None
+        self, kind: str, rows: np.ndarray | slice, must_exist: np.ndarray | None = None, out: np.ndarray | None = None
     ) -> Coroutine[Any, Any, tuple[np.ndarray, np.ndarray | None]]:
         """Awaitable (stored values, int8 scales or None) of `rows`, both fetched concurrently.
 
         A coroutine so a reader can fetch every group of a batch in one gather: zarr then decodes
         all their chunks in its thread pool at once instead of one group after another. The
         arrays are opened here, outside the event loop (opening is itself a sync zarr call).
+        With `out`, float16 values are decoded straight into it by the shard reader (a loader
+        worker passes shared memory: the batch then crosses to the trainer without a copy);
+        `decode(..., out=out)` completes the job for int8 and zarr's paths.
         Data errors leave with this group's store, key and kind in their message."""
         arrays = [self.array(kind)] + ([self.scales(kind)] if self.spec.encoding == "int8" else [])
         idx = None if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        direct = out if self.spec.encoding != "int8" else None
 
-        async def read(arr: zarr.Array) -> Any:
+        async def read(arr: zarr.Array, dest: np.ndarray | None) -> Any:
             if idx is not None and shard_reader.supports(arr):
-                return await shard_reader.read_rows(arr, idx, must_exist)
+                return await shard_reader.read_rows(arr, idx, must_exist, out=dest)
             if must_exist is not None:  # zarr would answer absent chunks with zeros: look first
                 await shard_reader.require_stored(arr, must_exist)
             return await (arr._async_array.getitem(rows) if idx is None else _read_runs(arr, idx))
 
         async def fetch() -> tuple[np.ndarray, np.ndarray | None]:
             try:
-                got = [np.asarray(x) for x in await asyncio.gather(*(read(arr) for arr in arrays))]
+                got = [np.asarray(x) for x in await asyncio.gather(read(arrays[0], direct),
+                                                                   *(read(a, None) for a in arrays[1:]))]
             except StoreDataError as exc:
                 raise exc.located(url=self.url, group=self.key, kind=kind) from exc
             return got[0], (got[1] if len(got) > 1 else None)
@@ -316,9 +326,14 @@ class EncoderGroup:
         return fetch()
 
     @staticmethod
-    def decode(raw: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
-        """Stored values -> float16 features (int8: undo the per-token scales)."""
-        return raw if scales is None else dequantize_int8(raw, scales)
+    def decode(raw: np.ndarray, scales: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
+        """Stored values -> float16 features (int8: undo the per-token scales), into `out` if given."""
+        if scales is not None:
+            return dequantize_int8(raw, scales, out)
+        if out is None or raw is out:
+            return raw
+        out[...] = raw
+        return out
 
     def info(self) -> dict[str, Any]:
         return {"key": self.key, **self.spec.to_json()}

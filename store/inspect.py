@@ -10,6 +10,7 @@ import numpy as np
 from zarr.core.sync import sync
 
 from . import shard_reader
+from .codecs import describe
 from .errors import ChunkChecksumError
 from .group import EncoderGroup, commit_key
 from .schema import KINDS, CommitRecord
@@ -58,6 +59,7 @@ def store_info(store: FeatureStore) -> dict[str, Any]:
             "framewise": spec.framewise,
             "encoding": spec.encoding + (f"(keepbits={spec.bitround_keepbits})" if spec.encoding == "bitround" else ""),
             "dtype": str(group.array("video").dtype),
+            "codecs": dict(zip(("values", "scales"), map(describe, _arrays(group, "video")))),  # images: the same
             "stored_shape": {k: list(spec.stored_shape(k)) for k in KINDS},
             "status": status,
             "bytes_on_disk": on_disk,

@@ -141,7 +141,12 @@ class FeatureReader:
             raise SampleNotFoundError(self.store.url, missing[0])
         return self.get_batch_indices([self.table.index[i] for i in ids])
 
-    def get_batch_indices(self, indices: Sequence[int]) -> dict[str, Any]:
+    def get_batch_indices(self, indices: Sequence[int], out: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Features of several sample-table indices: {encoder name: (B, t, h, w, d)}.
+
+        `out`: {encoder name: C-contiguous float16 (B, t, h, w, d) array} to fill and return
+        (a loader worker passes shared memory); the common batch (one kind, no pooling) is
+        decoded straight into it, anything else is copied in at the end."""
         indices = [int(i) for i in indices]
         for i in indices:
             if not 0 <= i < len(self.table):
@@ -152,32 +157,43 @@ class FeatureReader:
         kinds = [self.table.kind_of(i) for i in indices]
         positions = {kind: [p for p, k in enumerate(kinds) if k == kind] for kind in KINDS}
         requests = [(name, kind) for name in self.groups for kind in KINDS if positions[kind]]
+        direct = {(name, kind): self._direct_target(name, kind, len(positions[kind]) == len(indices), out)
+                  for name, kind in requests}
 
         rows = {kind: self.table.rows[[indices[p] for p in positions[kind]]] for kind in KINDS}
-        reads = [self.groups[name].fetch_rows(kind, rows[kind], must_exist=rows[kind])
+        reads = [self.groups[name].fetch_rows(kind, rows[kind], must_exist=rows[kind], out=direct[(name, kind)])
                  for name, kind in requests]  # built here: opening arrays is sync, the gather is not
 
         async def fetch_all() -> list[Any]:  # every group and kind in one gather (see fetch_rows)
             return await asyncio.gather(*reads)
 
         fetched = dict(zip(requests, self._named(fetch_all())))
-        out: dict[str, Any] = {}
+        result: dict[str, Any] = {}
         for name, group in self.groups.items():
             t = group.spec.grid[0]
-            result: np.ndarray | None = None
+            target = (out or {}).get(name) if self.pool_to is None else None
+            merged: np.ndarray | None = None
             for kind in KINDS:
                 pos = positions[kind]
                 if not pos:
                     continue
-                data = group.decode(*fetched[(name, kind)])
+                data = group.decode(*fetched[(name, kind)], out=direct[(name, kind)])
                 if len(pos) == len(indices) and data.shape[1] == t:
-                    result = data  # one kind, nothing to broadcast: use the read as is
+                    merged = data  # one kind, nothing to broadcast: use the read as is
                     break
-                if result is None:
-                    result = np.empty((len(indices), t, *data.shape[2:]), dtype=data.dtype)
-                result[pos] = broadcast_frames(data, t, axis=1)  # an image's single stored frame
-            out[name] = self._finish(result)  # type: ignore[arg-type]
-        return out
+                if merged is None:
+                    merged = target if target is not None else np.empty((len(indices), t, *data.shape[2:]), data.dtype)
+                merged[pos] = broadcast_frames(data, t, axis=1)  # an image's single stored frame
+            result[name] = self._finish(merged, None if out is None else out.get(name))  # type: ignore[arg-type]
+        return result
+
+    def _direct_target(self, name: str, kind: str, whole_batch: bool, out: dict[str, np.ndarray] | None) -> np.ndarray | None:
+        """`out[name]` when the read of (name, kind) is the batch itself (one kind, all frames stored,
+        no pooling): it is then decoded in place; otherwise None."""
+        if out is None or name not in out or not whole_batch or self.pool_to is not None:
+            return None
+        group = self.groups[name]
+        return out[name] if group.spec.stored_shape(kind)[0] == group.spec.grid[0] else None
 
     # ------------------------------------------------------------------ streaming
     def iter_shards(self, kind: str | None = None, shards: Sequence[tuple[str, int]] | None = None) -> Iterator[ShardBatch]:
@@ -221,9 +237,12 @@ class FeatureReader:
         return [self.table.ids[int(i)] for i in self.table.indices_of_rows(kind, np.array(rows, dtype=np.int64))]
 
     # ------------------------------------------------------------------ helpers
-    def _finish(self, x: np.ndarray) -> Any:
+    def _finish(self, x: np.ndarray, out: np.ndarray | None = None) -> Any:
         if self.pool_to is not None:
             x = pool_grid(x, self.pool_to)  # type: ignore[arg-type]
+        if out is not None and x is not out:
+            out[...] = x
+            x = out
         if self.as_torch:
             import torch
 

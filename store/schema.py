@@ -142,7 +142,10 @@ class EncoderGroupSpec:
         return fingerprint_of(desc, 10)
 
     def key(self) -> str:
-        return f"{self.name}-{self.group_fingerprint()}"
+        """`<name>-<group fingerprint>`; a generic spec's `/ : ? & =` become `_` (a zarr path / URL key)."""
+        from .encoder_names import slug
+
+        return f"{slug(self.name)}-{self.group_fingerprint()}"
 
     def stored_shape(self, kind: str) -> tuple[int, int, int, int]:
         t, h, w = self.grid

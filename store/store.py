@@ -15,6 +15,7 @@ import zarr
 from zarr.core.sync import sync
 
 from . import lease as _lease
+from .codecs import compressors
 from .errors import (
     AmbiguousEncoderError,
     FingerprintMismatchError,
@@ -403,7 +404,11 @@ class FeatureStore:
         With `fingerprint` (the encoder's or the group's), a group of that name made with another
         configuration raises FingerprintMismatchError instead of silently mixing numbers.
         """
+        from .encoder_names import canonical_encoder_name
+
         keys = self.encoder_keys()
+        if name_or_key not in keys:
+            name_or_key = canonical_encoder_name(name_or_key)  # a generic spec in any spelling
         if name_or_key in keys:
             group = self.group(name_or_key)
             candidates = [group]
@@ -421,10 +426,14 @@ class FeatureStore:
             raise AmbiguousEncoderError(self.url, name_or_key, [g.key for g in candidates])
         return candidates[0]
 
-    def ensure_group(self, spec: EncoderGroupSpec) -> EncoderGroup:
+    def ensure_group(self, spec: EncoderGroupSpec, chain: str | None = None) -> EncoderGroup:
         """Open the group for this exact configuration, creating it (and nothing else) if absent.
 
-        Creation happens under the metadata lock: two runs adding one encoder make one group."""
+        Creation happens under the metadata lock: two runs adding one encoder make one group.
+        `chain` names the codec chain of a new group's values (`merv.store.codecs`; None: the
+        encoding's default); an existing group keeps the chain it was written with."""
+        if chain is not None:
+            compressors(chain)  # a bad name fails here, before anything is created
         key = spec.key()
         if key in self.encoder_keys():
             return self._checked(self.group(key), spec)
@@ -432,14 +441,14 @@ class FeatureStore:
         with self.metadata_lock():
             if key in self.encoder_keys():  # another process created it meanwhile
                 return self._checked(self.group(key), spec)
-            return self._create_group_locked(spec)
+            return self._create_group_locked(spec, chain)
 
     def _checked(self, group: EncoderGroup, spec: EncoderGroupSpec) -> EncoderGroup:
         if group.spec.group_fingerprint() != spec.group_fingerprint():
             raise FingerprintMismatchError(self.url, spec.name, spec.group_fingerprint(), [group.key])
         return group
 
-    def _create_group_locked(self, spec: EncoderGroupSpec) -> EncoderGroup:
+    def _create_group_locked(self, spec: EncoderGroupSpec, chain: str | None = None) -> EncoderGroup:
         key = spec.key()
         native = tuple(spec.info.get("native_grid", spec.grid))[1:]
         allowed = None if self.meta.grid is None else tuple(min(n, g) for n, g in zip(native, self.meta.grid))
@@ -448,7 +457,7 @@ class FeatureStore:
                 f"store {self.url!r} is pooled to {self.meta.grid_mode}, but encoder {spec.name!r} "
                 f"would store a {spec.grid[1]}x{spec.grid[2]} grid; pool at extraction or use a native store"
             )
-        group = EncoderGroup.create(self.root, spec, self.rows_per_kind(), self.meta.samples_per_shard, self.url)
+        group = EncoderGroup.create(self.root, spec, self.rows_per_kind(), self.meta.samples_per_shard, self.url, chain)
         self._groups[key] = group
         return group
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from merv.extract.encoders import (
-    ENCODERS,
+    PAPER_ENCODERS,
     WeightsError,
     WeightsNotFoundError,
     build_encoder,
@@ -25,7 +25,7 @@ from merv.extract.encoders import (
 )
 from merv.extract.encoders.languagebind import LanguageBindVisionConfig
 
-NAMES = list(ENCODERS)
+NAMES = list(PAPER_ENCODERS)  # the paper's four; hiera and generic specs: tests/test_generic_encoders.py
 PAPER_TABLE = {  # DESIGN.md "The paper's numbers"
     "dinov2": ((16, 16, 16), 1024),
     "siglip": ((16, 14, 14), 768),

@@ -35,6 +35,7 @@ from merv.extract.video import load_clip, subsample
 from merv.extract.worker import CRASH_ONCE_ENV
 from merv.store import KINDS, FeatureStore, verify_store
 from merv.store.grid import pool_grid_torch
+from merv.store.inspect import store_info
 
 ENCODERS = ["dinov2", "siglip", "vivit", "languagebind"]
 GRID = "2x2"
@@ -231,8 +232,12 @@ def test_added_encoder_extracts_only_that_encoder(reference, tmp_path):
     before = _files(url)
     store = FeatureStore.open(str(url))
     assert added not in store.encoder_keys()
-    summary = run_extraction(None, str(url), _opts(), show_progress=False)
+    # the added group is written with the chain asked for; the existing groups keep theirs
+    summary = run_extraction(None, str(url), _opts(codec="blosc-zstd-5-bitshuffle"), show_progress=False)
     assert summary.ok and summary.extracted == len(store.samples)
+    chains = {g["key"]: g["codecs"]["values"] for g in store_info(FeatureStore.open(str(url)))["encoders"]}
+    assert chains.pop(added).endswith("bytes > blosc-zstd-5-bitshuffle > crc32c"), chains
+    assert all(c.endswith("bytes > crc32c") for c in chains.values()), chains  # fp16's default: no compressor
     after = _files(url)
     assert {k: v for k, v in after.items() if not k.startswith(added + "/")} == before  # others untouched
     assert any(k.startswith(added + "/") for k in after)

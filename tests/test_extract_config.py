@@ -39,7 +39,8 @@ def test_unknown_keys_and_bad_values_are_one_line(tmp_path) -> None:
     for args, needle in ((["--set", "batch_sise=3"], "did you mean batch_size"),
                          (["--set", "max_inflight_bytes=3XB"], "max_inflight_bytes"),
                          (["--set", "batch_size=many"], "batch_size"),
-                         (["--device", "tpu"], "device 'tpu'")):
+                         (["--device", "tpu"], "device 'tpu'"),
+                         (["--codec", "lz5"], "unknown codec chain 'lz5'")):
         result = CliRunner().invoke(app, ["extract", *args, "--print-config"])
         assert result.exit_code == 2 and needle in result.output, (args, result.output)
         assert "Traceback" not in result.output

@@ -236,33 +236,10 @@ def _text(sample: dict) -> str:
 @pytest.fixture
 def server(setup):
     """`merv serve` on the export, on a free port of 127.0.0.1."""
-    import socket
-    import time
-    import urllib.request
+    from merv.serve.process import serve_process
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "merv.cli", "serve", str(setup["export"]), "--port", str(port), "--api-key", "sk-lmms",
-           "--model-name", "merv-tiny"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]  # type: ignore[union-attr]
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.3)
-        yield f"{base}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with serve_process(setup["export"], ["--api-key", "sk-lmms", "--model-name", "merv-tiny"]) as running:
+        yield running.api
 
 
 def test_lmms_eval_openai_model_against_merv_serve(setup, server, answers, tmp_path):

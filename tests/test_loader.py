@@ -14,7 +14,8 @@ import torch
 
 from merv.store import EncoderGroupSpec, FeatureReader, FeatureStore, SampleRecord
 from merv.train.data import DataSource, InstructionData
-from merv.train.loader import BatchLayout, StreamingLoader, epoch_sequence
+from merv.train.loader import BatchLayout, StreamingLoader, collate, epoch_sequence
+from merv.train.shared_buffers import SharedBufferPool, release_flags, release_when_freed
 
 IGNORE = -100
 
@@ -238,6 +239,38 @@ def test_encoder_subset_and_pool_to_reach_the_batch(tmp_path):
     for j, sid in enumerate(batch["ids"]):
         if sid != "x":
             assert np.array_equal(batch["features"]["dino"][j].numpy(), ref.get(sid)["dino"])
+
+
+def test_worker_batches_arrive_in_recycled_shared_memory_equal_to_in_process_ones(data):
+    """A worker allocates a batch's features as views of one pooled shared-memory buffer (torch then
+    passes it on without a copy) and reuses a buffer only once the trainer has let go of it; what
+    arrives equals the in-process batches bit for bit, single-store visual batches (decoded in
+    place) and mixed ones alike, small tensors included."""
+    flags = release_flags(1, 4)
+    pool = SharedBufferPool(flags[0])
+    feats = collate(data, np.arange(4), tokenize, alloc=pool.tensors)["features"]
+    slot = pool.slot_of(feats)
+    assert slot is not None and all(t.is_shared() for t in feats.values())
+    assert collate(data, np.arange(4), tokenize, alloc=pool.tensors)["features"]["dino"].untyped_storage().data_ptr() \
+        != feats["dino"].untyped_storage().data_ptr()  # still held: another buffer
+    flags[0, slot] = 1  # the trainer let go of the first one
+    again = collate(data, np.arange(4), tokenize, alloc=pool.tensors)["features"]
+    assert again["vivit"].untyped_storage().data_ptr() == feats["vivit"].untyped_storage().data_ptr()  # recycled
+    held = torch.zeros(4).share_memory_()
+    view = held[1:]
+    release_when_freed({"x": held}, 3, flags[0])
+    del held
+    assert flags[0, 3] == 0  # a view still uses the storage
+    del view
+    assert flags[0, 3] == 1
+    ref = list(StreamingLoader(data, tokenize, global_batch_size=2))
+    got = list(StreamingLoader(data, tokenize, global_batch_size=2, num_workers=1))
+    assert len(ref) == len(got) == 15  # the trainer holds every batch: the pool must not reuse any
+    for want, have in zip(ref, got):
+        assert want.keys() == have.keys() and want["ids"] == have["ids"]
+        assert all(torch.equal(want[k], have[k]) for k in ("has_visual", "input_ids", "attention_mask", "labels", "index"))
+        assert all(torch.equal(want["features"][n].view(torch.int16), have["features"][n].view(torch.int16))
+                   for n in want["features"])
 
 
 def test_prefetch_overlaps_data_work_with_a_slow_consumer(data):

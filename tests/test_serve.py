@@ -7,9 +7,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +14,8 @@ from pathlib import Path
 import pytest
 from testkit import llm as H
 from testkit import media as M
+
+from merv.serve.process import serve_process
 
 pytestmark = pytest.mark.integration  # a server process
 
@@ -58,27 +57,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(export):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "merv.cli", "serve", str(export), "--port", str(port), "--api-key", KEY,
-           "--max-upload-mb", "0.25", "--batch-window-ms", "400"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "server did not come up"
-        time.sleep(0.3)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serve_process(export, ["--api-key", KEY, "--max-upload-mb", "0.25", "--batch-window-ms", "400"]) as running:
+        yield running.base
 
 
 def _client(base: str, key: str = KEY):

@@ -144,6 +144,15 @@ def connector_flops(connector: Connector) -> int:
     return int(counter.get_total_flops())
 
 
+@dataclass(frozen=True)
+class EncoderCost:
+    """An encoder measured rather than described: parameters and forward FLOPs per sample, from a
+    meta-device build (`merv.extract.encoders.cost`; any registry name or generic spec)."""
+
+    params: int
+    flops: int
+
+
 @dataclass
 class ModelReport:
     """Per-component parameters and per-sample FLOPs (see module doc for the conventions)."""
@@ -173,14 +182,15 @@ def model_report(
     connector_config: ConnectorConfig | None = None,
     llm_config: Any = None,
     *,
-    encoders: dict[str, PaperEncoder | tuple[int, int]] | None = None,
+    encoders: dict[str, PaperEncoder | EncoderCost | tuple[int, int]] | None = None,
     seq_len: int,
     train_llm: bool = True,
 ) -> ModelReport:
     """Parameters per component and FLOPs per sample, without weights.
 
-    `encoders`: per encoder name a `PaperEncoder` (ViT shapes) or `(params, tokens)`, whose forward
-    FLOPs are taken as 2 * params * tokens; default: the paper encoders for the names they know.
+    `encoders`: per encoder name a `PaperEncoder` (ViT shapes), an `EncoderCost` (measured), or
+    `(params, tokens)`, whose forward FLOPs are taken as 2 * params * tokens; default: the paper
+    encoders for the names they know.
     `seq_len` is the LLM sequence (BOS + visual tokens + text); it must hold the visual tokens.
     """
     from .llm import llama2_7b_config
@@ -199,6 +209,9 @@ def model_report(
         if isinstance(enc, PaperEncoder):
             report.params[f"encoder/{s.name}"] = enc.vit.params()
             report.flops[f"encoder/{s.name}"] = enc.vit.forward_flops(enc.frames)
+        elif isinstance(enc, EncoderCost):
+            report.params[f"encoder/{s.name}"] = int(enc.params)
+            report.flops[f"encoder/{s.name}"] = int(enc.flops)
         else:
             params, tokens = enc
             report.params[f"encoder/{s.name}"] = int(params)
@@ -218,3 +231,72 @@ def _llm_params(config: Any) -> int:
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in llm.parameters())
+
+
+# --- training memory: full finetune vs LoRA ----------------------------------------------------
+
+FP32_BYTES = 4  # the trainer keeps fp32 weights (the master copy; bf16 compute copies are transient)
+ADAMW_STATE_BYTES = 2 * FP32_BYTES  # AdamW's first and second moments, fp32, per trainable parameter
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """Parameters and the bytes the trainer holds for them (whole model, before FSDP sharding)."""
+
+    setup: str  # "full finetune" or "LoRA r=..."
+    params: int  # every parameter, LoRA adapters included
+    trainable: int
+    adapters: int = 0  # LoRA parameters (part of `trainable`)
+
+    @property
+    def weight_bytes(self) -> int:
+        return FP32_BYTES * self.params
+
+    @property
+    def grad_bytes(self) -> int:
+        return FP32_BYTES * self.trainable
+
+    @property
+    def optimizer_bytes(self) -> int:
+        return ADAMW_STATE_BYTES * self.trainable
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "weight_bytes": self.weight_bytes, "grad_bytes": self.grad_bytes,
+                "optimizer_bytes": self.optimizer_bytes, "total_bytes": self.total_bytes}
+
+
+def training_memory(specs: list[FeatureSpec], connector_config: ConnectorConfig | None = None, llm_config: Any = None,
+                    lora: Any = None) -> list[MemoryRow]:
+    """Full finetune (connector + LLM train) and, with `lora` (a merv.train.lora.LoraConfig with
+    r > 0), LoRA (connector + adapters train): built on the meta device, so no weights and no memory.
+
+    Counts are PEFT's own (the adapters are really added to the meta LLM); activations are not
+    included (they depend on batch, sequence and activation checkpointing)."""
+    from transformers import AutoModelForCausalLM
+
+    from .llm import llama2_7b_config
+    from .lora import apply_lora, is_adapter_param
+    from .model import MervModel
+
+    llm_config = llm_config or llama2_7b_config()
+    with torch.device("meta"):
+        connector = Connector(specs, llm_config.hidden_size, connector_config or ConnectorConfig())
+        llm = AutoModelForCausalLM.from_config(llm_config)
+    model = MervModel(connector, llm)
+    model.set_stage("finetune")
+    rows = [MemoryRow("full finetune", _count(model), _count(model, trainable=True))]
+    if lora is not None and lora.enabled:
+        with torch.device("meta"):
+            model.llm = apply_lora(model.llm, lora)
+        model.set_stage("finetune")
+        adapters = sum(p.numel() for n, p in model.named_parameters() if is_adapter_param(n))
+        rows.append(MemoryRow(f"LoRA r={lora.r}", _count(model), _count(model, trainable=True), adapters))
+    return rows
+
+
+def _count(model: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)

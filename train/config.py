@@ -27,6 +27,7 @@ from .accounting import PAPER_ENCODER_ORDER, PAPER_ENCODERS
 from .configurable import ConfigError, build_config, closest, config_to_dict, merge, unflatten
 from .connector import ConnectorConfig
 from .llm import DEFAULT_LLM
+from .lora import LoraConfig
 from .model import STAGES
 from .prompts import PROMPT_FORMATS
 from .specs import FeatureSpec
@@ -53,6 +54,7 @@ class LLMConfig:
     name: str = DEFAULT_LLM  # LLaMA-2 7B
     max_length: int = 2048  # tokens per conversation (longer ones are truncated); the tokenizer's limit
     prompt_format: str | None = None  # None: the LLM's own (merv.train.llm.default_prompt_format)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters instead of the whole LLM (r > 0)
 
     def __post_init__(self) -> None:
         _positive(self, "max_length")
@@ -72,6 +74,10 @@ class ModelConfig:
     init_from: str | None = None  # a `merv train` export to start from (stage chaining)
 
     def __post_init__(self) -> None:
+        from merv.store.encoder_names import canonical_encoder_name
+
+        # generic specs (timm:... / hf:...) in their one spelling: the store's groups are named so
+        object.__setattr__(self, "encoders", tuple(canonical_encoder_name(e) for e in self.encoders))
         if not self.encoders or len(set(self.encoders)) != len(self.encoders):
             raise ValueError(f"encoders must be distinct names, at least one, got {list(self.encoders)}")
         tokens = self.connector.tokens_per_frame
@@ -90,13 +96,28 @@ class ModelConfig:
         if self.encoder_size != "paper":
             raise ConfigError(f"model.encoder_size {self.encoder_size!r}: random encoders have no fixed shapes; "
                               "pass the feature specs from the store")
+        unknown = [e for e in self.encoders if e not in PAPER_ENCODERS]
+        if unknown:
+            raise ConfigError(f"model.encoders {unknown}: no paper shapes for them; their shapes come from a feature store "
+                              "(pass --store with the extracted features)")
         return [PAPER_ENCODERS[e].spec for e in self.encoders]
 
     def build(self, specs: list[FeatureSpec] | None = None, *, seed: int = 0, **kwargs: Any) -> Any:
         """The MervModel: loaded from `init_from` (its specs must match), else built (connector
         seeded by `seed`); kwargs go to merv.train.build.build_merv (dtype, device, ...)."""
-        if self.init_from:
-            return self._load(specs, kwargs.get("dtype"))
+        model = self._load(specs, kwargs.get("dtype")) if self.init_from else self._build(specs, seed, **kwargs)
+        if self.llm.lora.enabled:
+            import torch
+
+            from .lora import apply_lora, check_qlora
+
+            check_qlora(self.llm.lora, kwargs.get("device"))
+            with torch.random.fork_rng(devices=[]):  # the adapters' init: a function of the seed alone
+                torch.manual_seed(seed + 2)
+                model.llm = apply_lora(model.llm, self.llm.lora)
+        return model
+
+    def _build(self, specs: list[FeatureSpec] | None, seed: int, **kwargs: Any) -> Any:
         from .build import build_merv
 
         try:
@@ -119,16 +140,31 @@ class ModelConfig:
             raise ConfigError(f"model.init_from {self.init_from}: its encoders {list(have)} / grids differ from the data's")
         return model
 
-    def report(self, seq_len: int | None = None) -> Any:
+    def report(self, seq_len: int | None = None, measured: Mapping[str, tuple[FeatureSpec, Any]] | None = None) -> Any:
         """Parameters and FLOPs per sample at paper size, from a meta build (no weights); the LLM's
-        shape is its config kept in code (merv.train.llm_configs), as trained."""
-        from .accounting import model_report
+        shape is its config kept in code (merv.train.llm_configs), as trained.
+
+        `measured`: name -> (FeatureSpec, accounting.EncoderCost) for encoders without paper shapes
+        (generic specs, hiera), measured by `merv.extract.encoders.cost`; train never builds encoders."""
+        from .accounting import PAPER_ENCODERS, model_report
         from .llm_configs import sizing_config
 
         if seq_len is not None and seq_len < 1:
             raise ConfigError(f"seq_len {seq_len} (--seq-len) must be a positive token count")
-        return model_report(self.feature_specs(), self.connector, sizing_config(self.llm.name),
-                            seq_len=seq_len or self.llm.max_length)
+        measured = dict(measured or {})
+        known = {e: PAPER_ENCODERS[e].spec for e in self.encoders if e in PAPER_ENCODERS}
+        known |= {n: spec for n, (spec, _) in measured.items()}
+        missing = [e for e in self.encoders if e not in known]
+        if missing:
+            raise ConfigError(f"model.encoders {missing}: no paper shapes; `merv model info --encoders` measures them")
+        try:
+            return model_report([known[e] for e in self.encoders], self.connector, sizing_config(self.llm.name),
+                                seq_len=seq_len or self.llm.max_length,
+                                encoders={n: cost for n, (_, cost) in measured.items()})
+        except ValueError as exc:  # the connector cannot take these encoders' grids (says which and why)
+            if isinstance(exc, MervError):
+                raise
+            raise ConfigError(str(exc)) from exc
 
 
 # ------------------------------------------------------------------------------------ data

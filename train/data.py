@@ -413,13 +413,17 @@ class InstructionData:
         return self._readers
 
     def read_features(
-        self, examples: Sequence[int] | np.ndarray, dtype: torch.dtype = torch.float16
+        self, examples: Sequence[int] | np.ndarray, dtype: torch.dtype = torch.float16,
+        alloc: Callable[[dict[str, tuple[int, ...]], torch.dtype], dict[str, torch.Tensor]] | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """({encoder: (b, t, h, w, d)}, has_visual (b,)) for a micro-batch of example indices.
 
         Rows of text-only examples are zeros (the model ignores them but runs the connector on the
         full batch). One `get_batch_indices` per store, each sample read once even if several
-        examples share it.
+        examples share it; float16 features are decoded straight into the output tensors.
+        `alloc({encoder: shape}, dtype)` allocates those (default: torch.empty each); a DataLoader
+        worker passes its shared-memory pool (`merv.train.shared_buffers`), so the batch needs
+        no copy to reach the trainer.
         """
         if self.feature_fn is not None:
             return self.feature_fn(self, examples, dtype)
@@ -428,11 +432,11 @@ class InstructionData:
         has_visual = torch.from_numpy(stores >= 0)
         readers = self.readers()
         samples = self.sample_of[ex]
+        feats = (alloc or _private_tensors)({name: (len(ex), *shape) for name, shape in self.feature_shapes.items()}, dtype)
         if (stores == stores[0]).all() and stores[0] >= 0 and len(np.unique(samples)) == len(samples):
-            # the common micro-batch: one store, all visual, no repeats: read in order, no extra copy
-            arrays = readers[int(stores[0])].get_batch_indices(samples.tolist())
-            return {name: torch.from_numpy(arr).to(dtype) for name, arr in arrays.items()}, has_visual
-        feats = {name: torch.empty((len(ex), *shape), dtype=dtype) for name, shape in self.feature_shapes.items()}
+            # the common micro-batch: one store, all visual, no repeats: decoded straight into `feats`
+            _read_into(readers[int(stores[0])], samples.tolist(), feats)
+            return feats, has_visual
         text_only = torch.from_numpy(np.nonzero(stores < 0)[0])
         for name in feats:
             feats[name][text_only] = 0
@@ -449,6 +453,19 @@ class InstructionData:
         state = dict(self.__dict__)
         state["_readers"] = None  # reopened in the receiving process
         return state
+
+
+def _private_tensors(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
+
+
+def _read_into(reader: FeatureReader, samples: list[int], feats: dict[str, torch.Tensor]) -> None:
+    """Features of `samples` into `feats`: float16 ones decoded in place, other dtypes converted."""
+    direct = {name: t.numpy() for name, t in feats.items() if t.dtype == torch.float16}
+    arrays = reader.get_batch_indices(samples, out=direct)
+    for name, t in feats.items():
+        if name not in direct:
+            t.copy_(torch.from_numpy(arrays[name]))
 
 
 def _open_readers(

@@ -71,6 +71,7 @@ def save_merv(
     state_dict: dict[str, torch.Tensor] | None = None,
     encoders: list[dict[str, Any]] | None = None,
     eval_summary: dict[str, Any] | None = None,
+    llm_adapter: str | None = None,
 ) -> Path:
     """Write a Hugging Face-native export directory (see the module docstring).
 
@@ -79,12 +80,14 @@ def save_merv(
     module's own, e.g. gathered from an FSDP-sharded model whose parameters are DTensors.
     `extra`: what the model card and `merv generate` read (recipe, stage, steps, encoder size);
     `encoders`: each encoder's provenance (name, fingerprint, store group, model id, frames).
+    `llm_adapter`: the subfolder holding a LoRA adapter for the LLM (merv.train.lora.export_lora).
     """
     from merv.hf.modeling import MervForConditionalGeneration
 
     if not save_llm and not model.llm_source:
         raise ValueError("save_llm=False needs model.llm_source (where to load the LLM from later)")
-    hf = MervForConditionalGeneration.from_merv_model(model, encoders=encoders, recipe=extra, llm_saved=save_llm)
+    hf = MervForConditionalGeneration.from_merv_model(model, encoders=encoders, recipe=extra, llm_saved=save_llm,
+                                                      llm_adapter=llm_adapter)
     return hf.save_export(directory, tokenizer=model.tokenizer, state_dict=state_dict, eval_summary=eval_summary,
                           max_shard_size=MAX_SHARD_SIZE)
 

@@ -214,7 +214,10 @@ def llama2_7b_config(vocab_size: int | None = None, **overrides: Any) -> Any:
 
 
 def decoder_layers(llm: nn.Module) -> nn.ModuleList:
-    """The LLM's decoder layers (the FSDP wrapping / activation-checkpointing unit)."""
+    """The LLM's decoder layers (the FSDP wrapping / activation-checkpointing unit); inside a PEFT
+    wrapper, those of the base model it wraps."""
+    if hasattr(llm, "peft_config") and hasattr(llm, "get_base_model"):
+        llm = llm.get_base_model()
     base = getattr(llm, "model", None) or getattr(llm, getattr(llm, "base_model_prefix", ""), None)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):

@@ -200,11 +200,14 @@ class MervModel(nn.Module):
     # --- training -----------------------------------------------------------------------------
 
     def set_stage(self, stage: str) -> None:
-        """Freeze per stage: `align` trains the connector only; `finetune` and `full-align` train connector + LLM."""
+        """Freeze per stage: `align` trains the connector only; `finetune` and `full-align` train connector + LLM
+        (connector + LoRA adapters when the LLM carries them, see merv.train.lora)."""
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r} is unknown; use one of {STAGES}")
+        from .lora import set_trainable
+
         self.connector.requires_grad_(True)
-        self.llm.requires_grad_(stage != "align")
+        set_trainable(self.llm, stage != "align")  # with LoRA: its adapters only
         self.connector.freeze_inert()
         self.stage = stage
 
@@ -212,7 +215,13 @@ class MervModel(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def enable_gradient_checkpointing(self) -> None:
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from .lora import unwrap
+
+        llm = unwrap(self.llm)
+        if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.x deprecates the old name
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _check_bos(self, input_ids: torch.Tensor, has_visual: torch.Tensor) -> None:
         if self.bos_token_id is None:
@@ -496,7 +505,9 @@ def _cache_kwarg(llm: Any) -> str:
     `cache` (the old name warns, and will go); 4.x knows only the old one."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+    from .lora import unwrap
+
+    return "cache" if "cache" in inspect.signature(unwrap(llm).forward).parameters else "past_key_values"
 
 
 def _cache_of(out: Any) -> Any:

@@ -303,10 +303,11 @@ def _check_buildable(name: str, size: str) -> None:
     """Refuse an encoder the registry cannot build before any weights are looked for: the
     model or store names it, so the message says which and what the registry has."""
     from merv.extract.encoders.registry import ENCODERS, SIZES
+    from merv.store.encoder_names import is_generic
 
-    if name not in ENCODERS:
-        raise OnlineEncodingError(f"encoder {name!r} of this model has no online builder (known: {', '.join(ENCODERS)}); "
-                                  "evaluate it from a feature store instead (`merv eval`)")
+    if name not in ENCODERS and not is_generic(name):
+        raise OnlineEncodingError(f"encoder {name!r} of this model has no online builder (known: {', '.join(ENCODERS)}, "
+                                  "timm:... / hf:... specs); evaluate it from a feature store instead (`merv eval`)")
     if size not in SIZES:
         raise OnlineEncodingError(f"--size {size!r} is unknown; use one of {', '.join(SIZES)}")
 

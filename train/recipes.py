@@ -19,6 +19,7 @@ Values are the paper's / reference configs' (DESIGN.md table; princetonvisualai/
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ from merv import MervError
 from .accounting import PAPER_ENCODER_ORDER
 from .config import FLAT_KEYS, RunConfig, from_flat
 from .configurable import build_config_layers, closest, merge, parse_overrides, read_config_file
+from .specs import FeatureSpec
 
 DEFAULT_RECIPE = "tiny"  # what `merv train` starts from when neither a flag nor the config file names one
 
@@ -140,14 +142,36 @@ def get_recipe(name: str, stage: str | None = None) -> RunConfig:
     return RECIPES[name]() if stage is None else RECIPES[name](stage=stage)
 
 
-def recipe_report(name: str, seq_len: int | None = None) -> Any:
-    """`merv model info`: the recipe's parameters and FLOPs at paper size (its encoders must be)."""
+def recipe_report(name: str, seq_len: int | None = None, encoders: Sequence[str] | None = None,
+                  measured: Mapping[str, tuple[FeatureSpec, Any]] | None = None) -> Any:
+    """`merv model info`: the recipe's parameters and FLOPs at paper size (its encoders must be).
+
+    `encoders` replaces the recipe's; those without paper shapes come with `measured` (name ->
+    (FeatureSpec, accounting.EncoderCost), see `merv.extract.encoders.cost`)."""
+    model = _paper_size(name)
+    if encoders:
+        model = dataclasses.replace(model, encoders=tuple(encoders))
+    return model.report(seq_len, measured)
+
+
+def _paper_size(name: str) -> Any:
+    """The recipe's ModelConfig; refused unless its encoders have the paper's (fixed) shapes."""
     size = get_recipe(name).model.encoder_size
     if size != "paper":
         paper = sorted(n for n in RECIPES if get_recipe(n).model.encoder_size == "paper")
         raise RecipeError(f"recipe {name!r} uses {size} random encoders whose shapes come from a store; "
                           f"`merv model info` sizes the paper-size recipes: {', '.join(paper)}")
-    return get_recipe(name).model.report(seq_len)
+    return get_recipe(name).model
+
+
+def recipe_memory(name: str, lora: Any = None) -> Any:
+    """`merv model info --lora`: the recipe's training memory, full finetune vs LoRA (paper sizes)."""
+    from .accounting import training_memory
+
+    from .llm_configs import sizing_config
+
+    model = _paper_size(name)
+    return training_memory(model.feature_specs(), model.connector, sizing_config(model.llm.name), lora=lora)
 
 
 def resolve_run_config(layers: Sequence[tuple[str, Mapping[str, Any]]]) -> RunConfig:
@@ -169,6 +193,6 @@ def load_run_config(*, file: str | os.PathLike[str] | None = None, flags: Mappin
                                ("command-line flags", from_flat(flags or {})), ("--set", parse_overrides(overrides))])
 
 
-__all__ = ["DEFAULT_RECIPE", "FLAT_KEYS", "LLM_RECIPES", "PAPER_STAGES", "RECIPES", "RecipeError", "get_recipe", "load_run_config",
-           "merv_frozen", "merv_full", "paper_shape", "recipe_report", "resolve_run_config", "single", "small", "tiny",
-           "videollava", "with_llm"]
+__all__ = ["DEFAULT_RECIPE", "FLAT_KEYS", "LLM_RECIPES", "PAPER_STAGES", "RECIPES", "RecipeError", "get_recipe",
+           "load_run_config", "merv_frozen", "merv_full", "paper_shape", "recipe_memory", "recipe_report",
+           "resolve_run_config", "single", "small", "tiny", "videollava", "with_llm"]

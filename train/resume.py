@@ -2,7 +2,8 @@
 
 Layout of `<run>/checkpoints/step-00000012/`:
   dcp/shard-<i>-model-00001-of-00001.safetensors
-                        model + optimizer tensors; each rank writes the shards it owns
+                        model + optimizer tensors (LoRA runs: the trainable parameters only, since
+                        the frozen base is rebuilt from the config); each rank writes the shards it owns
                         (torch.distributed.checkpoint through torch's HuggingFaceStorageWriter:
                         safetensors files whose JSON header holds the DCP offsets)
   rng/rank-<r>.safetensors
@@ -330,14 +331,25 @@ def checkpoint_dir(root: str | os.PathLike[str], step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
+def _trainable_state(model: torch.nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
+    """The entries of the parameters that train (what a `trainable_only` checkpoint holds)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k in names}
+
+
 def save_checkpoint(root: str | os.PathLike[str], step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], env: DistEnv) -> Path:
-    """Collective: every rank writes its shards + RNG; rank 0 the state, the manifest, then `latest`."""
+                    trainer_state: dict[str, Any], env: DistEnv, *, trainable_only: bool = False) -> Path:
+    """Collective: every rank writes its shards + RNG; rank 0 the state, the manifest, then `latest`.
+
+    `trainable_only` (LoRA runs): only the parameters that train are saved; the frozen rest is a
+    function of the run's configuration (seed, LLM source), rebuilt by the resuming run."""
     path = checkpoint_dir(root, step)
     if env.is_main and path.exists():  # a redone step: never leave old files next to new ones
         shutil.rmtree(path)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    if trainable_only:
+        model_sd = _trainable_state(model, model_sd)
     tensors, plain = split_state({"model": _without(model_sd, tied_aliases(model)), "optim": optim_sd})
     writer = _RecordingWriter(str(path / DCP_DIR))
     dcp.save(tensors, storage_writer=writer)
@@ -592,10 +604,13 @@ def _drop_unsaved_param_state(optim_sd: dict[str, Any], saved: Mapping[str, Any]
 
 
 def load_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    env: DistEnv, state: dict[str, Any]) -> None:
-    """Collective: restore model, optimizer and this rank's RNG from a verified checkpoint."""
+                    env: DistEnv, state: dict[str, Any], *, trainable_only: bool = False) -> None:
+    """Collective: restore model, optimizer and this rank's RNG from a verified checkpoint
+    (`trainable_only`: as saved by `save_checkpoint`; the frozen parameters keep their built values)."""
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    if trainable_only:
+        model_sd = _trainable_state(model, model_sd)
     kept = _drop_unsaved_param_state(optim_sd, state["tensors"])
     aliases = tied_aliases(model)
     template = {"model": _without(model_sd, aliases), "optim": kept}
@@ -621,8 +636,9 @@ def load_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, optimi
             raise CheckpointIntegrityError(f"{path / STATE_FILE} lacks optimizer entry {key!r}; the file is damaged")
         values[key] = _leaf_from_json(saved_plain[key], like, key, path / STATE_FILE)
     tree = _rebuild(template, values)
-    tree["model"].update({alias: tree["model"][name] for alias, name in aliases.items()})
-    strict = len(kept["state"]) == len(optim_sd["state"])  # model keys were checked against the table above
+    tree["model"].update({alias: tree["model"][name] for alias, name in aliases.items() if name in tree["model"]})
+    # model keys were checked against the table above
+    strict = len(kept["state"]) == len(optim_sd["state"]) and not trainable_only
     set_state_dict(model, optimizer, model_state_dict=tree["model"], optim_state_dict=tree["optim"],
                    options=StateDictOptions(strict=strict))
     rng = _rng_file(path, env.rank)

@@ -68,13 +68,15 @@ CONFIG_CHANGES = "config_changes.json"  # in the run directory: the accepted con
 # data and the machine (see `_derived`). Re-point this table when the config's keys change.
 CONFIG_KEY_CLASSES: dict[str, tuple[str, ...]] = {
     "model": ("recipe", "stage", "model.encoders", "model.connector.*", "model.llm.name", "model.llm.prompt_format",
+              "model.llm.lora.r", "model.llm.lora.alpha", "model.llm.lora.dropout", "model.llm.lora.target_modules",
+              "model.llm.lora.qlora",
               "model.encoder_size", "model.encoder_weights", "model.init_from", "derived.pool_at_load"),
     "data order": ("data.files", "data.stores", "data.join_key", "data.allow_missing", "data.online", "seed",
                    "loader.global_batch_size", "loader.buffer_shards", "model.llm.max_length", "derived.num_examples"),
     "optimisation": ("optim.lr", "optim.weight_decay", "optim.max_grad_norm", "optim.betas", "schedule.warmup_ratio",
                      "schedule.epochs", "schedule.max_steps", "derived.total_steps"),
     HARMLESS: ("checkpoint.out_dir", "checkpoint.every", "checkpoint.resume", "checkpoint.allow_config_change",
-               "checkpoint.export", "loader.micro_batch_size", "loader.num_workers", "loader.prefetch_factor",
+               "checkpoint.export", "model.llm.lora.export", "loader.micro_batch_size", "loader.num_workers", "loader.prefetch_factor",
                "data.pool_at_load", "parallel.device", "parallel.activation_checkpointing", "parallel.nproc",
                "logging.tensorboard", "logging.progress", "logging.wandb.*", "derived.world_size",
                "derived.activation_checkpointing"),
@@ -220,14 +222,20 @@ def _train(config: RunConfig, feature_fn: Any, env: DistEnv, mode: str) -> dict[
         full = full_model_state(model)
         if env.is_main:
             from .export import save_merv
+            from .lora import export_lora
 
-            save_merv(model, export_dir, state_dict=full,
-                      save_llm=config.stage != "align" or config.model.init_from is not None,
-                      encoders=encoder_provenance(data, config.model.encoders),
-                      extra={"recipe": config.recipe, "stage": config.stage, "steps": summary["steps"],
-                             "encoder_size": config.model.encoder_size,
-                             "encoder_weights": config.model.encoder_weights,
-                             "data": [str(f) for f in config.data.files]})
+            about = {"encoders": encoder_provenance(data, config.model.encoders),
+                     "extra": {"recipe": config.recipe, "stage": config.stage, "steps": summary["steps"],
+                               "encoder_size": config.model.encoder_size,
+                               "encoder_weights": config.model.encoder_weights,
+                               "data": [str(f) for f in config.data.files]}}
+            lora = config.model.llm.lora
+            if lora.enabled:
+                about["extra"]["lora"] = {"r": lora.r, "alpha": lora.alpha, "export": lora.export}
+                export_lora(model, full, export_dir, lora, base_from_source=config.model.init_from is None, **about)
+            else:
+                save_merv(model, export_dir, state_dict=full,
+                          save_llm=config.stage != "align" or config.model.init_from is not None, **about)
         if dist.is_initialized():
             dist.barrier()
         summary["export"] = str(export_dir)
@@ -271,7 +279,7 @@ def _resume(run: _Run, path: Path, model: Any, optimizer: Any, scheduler: Any, l
                           "Resume with the checkpoint's settings, or pass --allow-config-change to continue with the new "
                           "ones (the change is recorded in the run)")
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    load_checkpoint(path, model, optimizer, run.env, state)
+    load_checkpoint(path, model, optimizer, run.env, state, trainable_only=run.config.model.llm.lora.enabled)
     step = int(state["step"])
     _load_scheduler(scheduler, state["scheduler"], path)
     loader_state = _remap_loader_state(state["loader"], loader) if changes else state["loader"]
@@ -452,7 +460,8 @@ def _loop(run: _Run, model: Any, optimizer: Any, scheduler: Any, loader: Any, lo
 def _save(run: _Run, step: int, model: Any, optimizer: Any, scheduler: Any, loader: Any) -> Path:
     state = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "resolved_config": run.resolved,
              "config_changes": run.history}
-    return save_checkpoint(run.ckpt_root, step, model, optimizer, state, run.env)
+    return save_checkpoint(run.ckpt_root, step, model, optimizer, state, run.env,
+                           trainable_only=run.config.model.llm.lora.enabled)
 
 
 def _steps(loader: Any, accum: int) -> Any:

@@ -29,7 +29,7 @@ class EncoderInfo:
     """What an encoder is and produces. Everything but `notes` (and the preprocessing's
     `reference` text) feeds the fingerprint."""
 
-    name: str  # registry name: dinov2 | siglip | vivit | languagebind
+    name: str  # registry name (dinov2 | siglip | vivit | languagebind | hiera) or canonical spec (timm:... / hf:...)
     size: str  # "paper", "small" or "tiny"
     model_id: str  # published weights this architecture belongs to (hub id incl. tag)
     weights: str  # identity of the numbers: "pretrained:<model_id>", "random-init(seed=N)", "file:<sha256>"
@@ -38,7 +38,7 @@ class EncoderInfo:
     frames: int  # frames in per clip (temporal encoders need exactly this many / a multiple)
     image_size: int
     preprocessing: Preprocessing
-    layer: str  # "penultimate" or "last"
+    layer: str  # "penultimate" or "last"; a generic spec's index as given (e.g. "-2"), see layer_detail
     layer_detail: str  # precisely which tensor, and whether a final norm is applied
     dropped_tokens: tuple[str, ...]  # prefix tokens removed from the output, e.g. ("cls", "reg x4")
     grid: tuple[int, int, int]  # (t, h, w) for `frames` input frames
