@@ -278,7 +278,8 @@ def extract_cmd(
 
 @model_app.command("info")
 def model_info_cmd(
-    recipe: str = typer.Argument("merv-frozen", help="recipe name (merv-frozen, merv-full, dinov2-single, ...)"),
+    recipe: str = typer.Argument("merv-frozen", help="recipe name (merv-frozen, merv-full, dinov2-single, "
+                                                     "qwen2.5-7b-instruct, llama3-8b-instruct, ...)"),
     seq_len: Optional[int] = typer.Option(None, help="LLM sequence length for FLOPs (default: the recipe's max length)"),
     encoders: list[str] = typer.Option([], "--encoders", help=f"replace the recipe's encoders (names, hiera, timm:... / hf:... specs; measured on the meta device); {LIST_HELP}"),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON document"),
@@ -390,6 +391,9 @@ def train_cmd(
     join_key: Optional[str] = typer.Option(None, help="join instruction records to the store by 'id' or by the video file 'stem'"),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     no_export: bool = typer.Option(False, "--no-export", help="skip the safetensors export at the end"),
+    wandb: Optional[str] = typer.Option(
+        None, "--wandb", help="also log to Weights & Biases: online | offline (logging.wandb.mode; project etc.: "
+                              "--set logging.wandb.project=...)"),
     quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the run's summary as one JSON document on stdout"),
 ) -> None:
@@ -410,7 +414,7 @@ def train_cmd(
              "resume": "auto" if resume_auto else (True if resume else None),
              "allow_config_change": allow_config_change or None, "online": online or None, "num_workers": num_workers,
              "nproc": nproc, "allow_missing": allow_missing or None, "join_key": join_key, "device": device,
-             "export": False if no_export else None, "progress": False if quiet else None}
+             "export": False if no_export else None, "progress": False if quiet else None, "wandb": wandb}
     config = load_run_config(file=config_file, flags={k: v for k, v in flags.items() if v is not None},
                              overrides=overrides)
     if print_config:

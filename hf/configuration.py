@@ -35,6 +35,7 @@ class MervConfig(PretrainedConfig):
         visual_after_bos: bool = True,
         recipe: dict[str, Any] | None = None,
         llm_adapter: str | None = None,
+        visual_anchor: list[int] | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
@@ -50,6 +51,9 @@ class MervConfig(PretrainedConfig):
         self.visual_after_bos = bool(visual_after_bos)  # visual tokens follow BOS (False: Qwen-style, no BOS)
         # a LoRA adapter export: PEFT adapter files in this subfolder, applied to the LLM of llm_source
         self.llm_adapter = llm_adapter
+        # without BOS: the visual tokens follow the first occurrence of these ids (the chat template's
+        # user-turn opening, merv.train.prompts.user_turn_anchor); None: they go first
+        self.visual_anchor = [int(i) for i in visual_anchor] if visual_anchor else None
         self.recipe = dict(recipe or {})  # recipe, stage, steps, encoder size: what the model card reports
         attn = getattr(text_config, "_attn_implementation", None)
         super().__init__(**kwargs)

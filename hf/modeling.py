@@ -3,9 +3,9 @@
 It holds the same two modules as the training model (`connector`, `llm`), under the same names, so
 a training state dict is its state dict and `as_merv_model()` is a view sharing the weights (the
 evaluation and training code keep using `MervModel`). Generation is transformers' own `generate`:
-the visual tokens are merged into the prompt embeddings once (after BOS, exactly as in training),
-then decoding runs on `inputs_embeds` with every sampling option, stopping rule and streamer
-transformers offers.
+the visual tokens are merged into the prompt embeddings once (after BOS, or without one at the
+start of the user turn, exactly as in training), then decoding runs on `inputs_embeds` with every
+sampling option, stopping rule and streamer transformers offers.
 
 An align-stage export may leave the LLM out (`config.llm_saved = False`): `from_pretrained` then
 reads the LLM from `config.llm_source` and only the connector from the directory. A LoRA adapter
@@ -113,7 +113,8 @@ class MervForConditionalGeneration(MervPreTrainedModel, GenerationMixin):
         if tokenizer is not None and self.config.visual_after_bos:
             bos = tokenizer.bos_token_id
         model = MervModel(self.connector, self.llm, tokenizer=tokenizer, bos_token_id=bos,
-                          prompt_format=self.config.prompt_format, llm_source=self.config.llm_source)
+                          prompt_format=self.config.prompt_format, llm_source=self.config.llm_source,
+                          visual_anchor=self._visual_anchor())
         model.encoders = [dict(e) for e in self.config.encoders if e.get("fingerprint")]
         return model
 
@@ -126,9 +127,13 @@ class MervForConditionalGeneration(MervPreTrainedModel, GenerationMixin):
 
             bos = self.config.bos_token_id if self.config.visual_after_bos else None
             view = MervModel(self.connector, self.llm, bos_token_id=bos, prompt_format=self.config.prompt_format,
-                             llm_source=self.config.llm_source)
+                             llm_source=self.config.llm_source, visual_anchor=self._visual_anchor())
             self.__dict__["_merv_view"] = view
         return view
+
+    def _visual_anchor(self) -> list[int] | None:
+        """Where the visual tokens go without BOS, as trained (exports before the anchor: first)."""
+        return getattr(self.config, "visual_anchor", None)
 
     # --- transformers plumbing ---------------------------------------------------------------------
 
@@ -151,8 +156,8 @@ class MervForConditionalGeneration(MervPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs: Any,
     ) -> MervCausalLMOutput:
-        """With `features` ({encoder: (B, t, h, w, d)}): visual tokens merged after BOS, as in
-        training (right-padded `input_ids`); without: the LLM on `input_ids` / `inputs_embeds`
+        """With `features` ({encoder: (B, t, h, w, d)}): visual tokens merged where training put them
+        (right-padded `input_ids`); without: the LLM on `input_ids` / `inputs_embeds`
         (what each decoding step of `generate` calls). `labels` give the answer-token loss."""
         from merv.train.model import causal_lm_loss
 
@@ -255,6 +260,7 @@ def config_of(model: MervModel, *, encoders: list[dict[str, Any]] | None = None,
         llm_saved=llm_saved,
         llm_adapter=llm_adapter,
         visual_after_bos=model.bos_token_id is not None,
+        visual_anchor=list(model.visual_anchor) if model.visual_anchor else None,
         recipe=recipe,
         bos_token_id=model.bos_token_id,
         eos_token_id=tok.eos_token_id if tok is not None else text_config.eos_token_id,

@@ -48,8 +48,13 @@ def test_loss_counts_only_answer_tokens(flavor: str, tiny, tiny_qwen) -> None:
     feats = H.random_features(model.connector.specs, 1)
     with torch.no_grad():
         out = model(feats, ids[None], labels=labels[None])
-        offset = 1 if flavor == "llama" else 0
-        assert model.visual_offset == offset
+        # LLaMA: right after BOS; Qwen (no BOS): at the start of the user turn's content
+        offset = 1
+        if flavor == "qwen2":
+            opening = tok.apply_chat_template([{"role": "user", "content": "@@"}], tokenize=False).split("@@")[0]
+            offset = len(tok(opening, add_special_tokens=False)["input_ids"])
+            assert tok.decode(ids[:offset]).endswith("<|im_start|>user\n")
+        assert model.visual_offsets(ids[None]).tolist() == [offset]
         logits = _by_hand_logits(model, feats, ids, offset)
     n_vis = model.num_visual_tokens
     # merged labels: visual positions ignored, text labels shifted past them

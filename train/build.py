@@ -13,9 +13,12 @@ from .model import MervModel
 from .specs import FeatureSpec
 
 # LLMs built in-process from a seed with the project's own tokenizer (no files): name -> (flavor, shape).
-IN_PROCESS_LLMS: dict[str, tuple[str, dict[str, int]]] = {
+IN_PROCESS_LLMS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-llama": ("llama", {}),
     "tiny-qwen2": ("qwen2", {}),
+    # the tokenizers, templates and pad policies of Qwen2.5-Instruct (tied like its 0.5B / 1.5B) and LLaMA-3-Instruct
+    "tiny-qwen2.5": ("qwen2.5", {"tie_word_embeddings": True}),
+    "tiny-llama3": ("llama3", {}),
     # CPU benchmark scale: 25.3M parameters in the decoder layers, ~6x the `small` encoders (paper:
     # LLaMA-2 7B vs 0.89B of encoders, 7.6x); LLaMA-2's 128-wide heads and ~2.7x MLP.
     "small-llama": ("llama", dict(hidden_size=512, layers=8, heads=4, kv_heads=4, intermediate_size=1376)),

@@ -141,11 +141,13 @@ class ModelConfig:
         return model
 
     def report(self, seq_len: int | None = None, measured: Mapping[str, tuple[FeatureSpec, Any]] | None = None) -> Any:
-        """Parameters and FLOPs per sample at paper size, from a meta build (no weights).
+        """Parameters and FLOPs per sample at paper size, from a meta build (no weights); the LLM's
+        shape is its config kept in code (merv.train.llm_configs), as trained.
 
         `measured`: name -> (FeatureSpec, accounting.EncoderCost) for encoders without paper shapes
         (generic specs, hiera), measured by `merv.extract.encoders.cost`; train never builds encoders."""
         from .accounting import PAPER_ENCODERS, model_report
+        from .llm_configs import sizing_config
 
         if seq_len is not None and seq_len < 1:
             raise ConfigError(f"seq_len {seq_len} (--seq-len) must be a positive token count")
@@ -156,7 +158,8 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"model.encoders {missing}: no paper shapes; `merv model info --encoders` measures them")
         try:
-            return model_report([known[e] for e in self.encoders], self.connector, seq_len=seq_len or self.llm.max_length,
+            return model_report([known[e] for e in self.encoders], self.connector, sizing_config(self.llm.name),
+                                seq_len=seq_len or self.llm.max_length,
                                 encoders={n: cost for n, (_, cost) in measured.items()})
         except ValueError as exc:  # the connector cannot take these encoders' grids (says which and why)
             if isinstance(exc, MervError):
@@ -307,10 +310,33 @@ class ParallelConfig:
         _positive(self, "nproc")
 
 
+WANDB_MODES = ("disabled", "online", "offline")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases next to TensorBoard (merv.train.tracking): on when `mode` is online / offline."""
+
+    mode: str = "disabled"  # disabled | online | offline (wandb's own modes; offline: `wandb sync` later)
+    project: str = "merv"
+    entity: str | None = None  # None: the logged-in account's default
+    name: str | None = None  # None: the run directory's name
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"mode {self.mode!r} is unknown; use one of {', '.join(WANDB_MODES)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "disabled"
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     tensorboard: bool = True  # also write TensorBoard events next to metrics.jsonl
     progress: bool = True  # progress bar on rank 0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass(frozen=True)
@@ -370,6 +396,7 @@ FLAT_KEYS: dict[str, str] = {
     "allow_config_change": "checkpoint.allow_config_change", "export": "checkpoint.export",
     "device": "parallel.device", "activation_checkpointing": "parallel.activation_checkpointing",
     "nproc": "parallel.nproc", "tensorboard": "logging.tensorboard", "progress": "logging.progress",
+    "wandb": "logging.wandb.mode",
 }
 
 

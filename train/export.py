@@ -111,6 +111,7 @@ def read_merv_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
                 "llm": {"source": cfg.get("llm_source"), "saved": bool(cfg.get("llm_saved", True))},
                 "bos_token_id": cfg.get("bos_token_id") if cfg.get("visual_after_bos", True) else None,
                 "prompt_format": cfg.get("prompt_format", "pure"),
+                "visual_anchor": cfg.get("visual_anchor"),
                 "extra": cfg.get("recipe") or {},
                 "encoders": cfg.get("encoders") or [],
             }
@@ -246,7 +247,7 @@ def _load_legacy(root: Path, cfg: dict[str, Any], dtype: torch.dtype | None, att
         else (load_tokenizer(source) if source else None)
     )
     return MervModel(connector, llm, tokenizer=tokenizer, bos_token_id=cfg.get("bos_token_id"),
-                     prompt_format=cfg.get("prompt_format", "pure"), llm_source=source)
+                     prompt_format=cfg.get("prompt_format", "pure"), llm_source=source, visual_anchor=None)
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

@@ -1,5 +1,6 @@
 """The causal LLM: loading any HF `AutoModelForCausalLM` offline, pad-token policy, attention
-backend choice, and the LLaMA-2 7B configuration in code (sizing without weights).
+backend choice, and the LLaMA-2 7B configuration in code (sizing without weights; the other
+registry LLMs' configs are in merv.train.llm_configs).
 
 Weights come from a local directory or the HF cache only (`local_files_only=True`), never with
 `trust_remote_code`; a missing model raises `LLMNotFoundError` naming what to download.
@@ -49,6 +50,7 @@ class LLMEntry:
     repo: str
     prompt_format: str  # see merv.train.prompts.PROMPT_FORMATS
     gated: bool = False
+    pad_token: str | None = None  # a token of its own vocabulary to pad with when the tokenizer names none
 
 
 LLM_REGISTRY: dict[str, LLMEntry] = {
@@ -59,7 +61,11 @@ LLM_REGISTRY: dict[str, LLMEntry] = {
     "vicuna-v15-13b": LLMEntry("lmsys/vicuna-13b-v1.5", "vicuna-v15"),
     "llama3-8b-pure": LLMEntry("meta-llama/Meta-Llama-3-8B", "pure", gated=True),
     "llama3-8b-instruct": LLMEntry("meta-llama/Meta-Llama-3-8B-Instruct", "chat-template", gated=True),
-    "llama3.1-8b-instruct": LLMEntry("meta-llama/Llama-3.1-8B-Instruct", "chat-template", gated=True),
+    # LLaMA-3.1 reserves a pad token (the reference pads with it; no new embedding rows)
+    "llama3.1-8b-instruct": LLMEntry("meta-llama/Llama-3.1-8B-Instruct", "chat-template", gated=True,
+                                     pad_token="<|finetune_right_pad_id|>"),
+    "qwen2.5-0.5b-instruct": LLMEntry("Qwen/Qwen2.5-0.5B-Instruct", "chat-template"),
+    "qwen2.5-1.5b-instruct": LLMEntry("Qwen/Qwen2.5-1.5B-Instruct", "chat-template"),
     "qwen2.5-3b-instruct": LLMEntry("Qwen/Qwen2.5-3B-Instruct", "chat-template"),
     "qwen2.5-7b-instruct": LLMEntry("Qwen/Qwen2.5-7B-Instruct", "chat-template"),
 }
@@ -156,24 +162,31 @@ def load_llm(
             llm = empty_llm(config, dtype=dtype, attn_implementation=attn)
     except (OSError, ValueError) as err:
         raise _not_found(source, "weights" if with_weights else "config", err) from err
-    ensure_pad_token(llm, tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    entry = LLM_REGISTRY.get(source)
+    ensure_pad_token(llm, tokenizer, pad_to_multiple_of=pad_to_multiple_of, reserved=entry.pad_token if entry else None)
     if device is not None:
         llm.to(device)
     return llm, tokenizer
 
 
-def ensure_pad_token(llm: nn.Module, tokenizer: Any, *, pad_to_multiple_of: int = PAD_MULTIPLE) -> bool:
-    """Give a pad-less tokenizer the reference's `<PAD>` token and resize the LLM to fit.
+def ensure_pad_token(llm: nn.Module, tokenizer: Any, *, pad_to_multiple_of: int = PAD_MULTIPLE,
+                     reserved: str | None = None) -> bool:
+    """Give a pad-less tokenizer a pad token: `reserved` when its vocabulary has it (LLaMA-3.1's
+    `<|finetune_right_pad_id|>`), else the reference's `<PAD>`, resizing the LLM to fit.
 
     Returns True when a token was added. Resizing pads to a multiple of 64 as the reference did,
-    so LLaMA-2 gets 32064 embedding rows, the shape of the published checkpoints.
+    so LLaMA-2 gets 32064 embedding rows (LLaMA-3: 128320), the shape of the published checkpoints.
+    The new rows keep the model's plain init (no mean resizing): the pad row is masked out of
+    attention and loss, and the rows past the tokenizer are never looked up.
     """
     added = False
+    if tokenizer.pad_token is None and reserved is not None and reserved in tokenizer.get_vocab():
+        tokenizer.pad_token = reserved
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
         added = True
     if llm.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
+        llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of, mean_resizing=False)
     llm.config.pad_token_id = tokenizer.pad_token_id
     return added
 

@@ -1,4 +1,4 @@
-"""Per-step training metrics to JSONL and TensorBoard (rank 0 only).
+"""Per-step training metrics to JSONL, TensorBoard and optionally wandb (rank 0 only).
 
 A resumed run redoes the steps after its checkpoint: their rows from the interrupted run are dropped
 first (metrics.jsonl is rewritten atomically; TensorBoard purges them), so every step has one row.
@@ -45,13 +45,19 @@ class MetricsLogger:
     """Appends one JSON row per step; `start_step` is the step the run (re)starts after."""
 
     def __init__(self, out_dir: str | os.PathLike[str], enabled: bool = True, tensorboard: bool = True,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, wandb: Any = None, run_config: dict[str, Any] | None = None) -> None:
+        """`wandb`: a `WandbConfig` (merv.train.config); when enabled, its run also gets `run_config`."""
         self.enabled = enabled
         self.path = Path(out_dir) / METRICS_FILE
         self._fh = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
+        if wandb is not None and wandb.enabled:  # first: a missing wandb fails before any file is touched
+            from .tracking import WandbLogger
+
+            self._wandb = WandbLogger(wandb, out_dir, run_config or {}, resuming=start_step > 0)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         drop_rows_after(self.path, start_step)
         self._fh = self.path.open("a")
@@ -75,6 +81,8 @@ class MetricsLogger:
             for key, val in values.items():
                 if isinstance(val, (int, float)):
                     self._tb.add_scalar(f"train/{key}", val, step)
+        if self._wandb is not None:
+            self._wandb.log(step, values)
 
     def close(self) -> None:
         if self._fh:
@@ -83,6 +91,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

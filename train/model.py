@@ -3,7 +3,11 @@
 Sequence layout per sample (B samples, text length T, L visual tokens, N = T + L):
   visual sample:    [BOS] [v_1 .. v_L] [text ...]      visual labels -100, visual attention 1
   text-only sample: [BOS] [text ...] [pad_1 .. pad_L]  pads: zero embeddings, attention 0, label -100
-Without a BOS token (e.g. Qwen2.5) the visual tokens go first. Text-only samples keep their length
+Without a BOS token (Qwen2.5) the visual tokens open the first user turn's content, after the
+chat template's system turn and user header (`<|im_start|>user\n` [v_1 .. v_L] question...), as
+Qwen's own vision models place them; a sample without a user turn (a Stage-1 caption), or a model
+without a chat template, has them first. LLaMA-3 has a BOS, so they follow it (before the system /
+user headers), as for LLaMA-2. Text-only samples keep their length
 so a mixed batch stays rectangular; the connector still runs on every sample (features of text-only
 samples are ignored), which keeps every parameter in the graph on every rank under FSDP.
 
@@ -20,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .connector import Connector
-from .prompts import IGNORE_INDEX, get_prompt_builder, one_turn_prompt, prompt_token_ids
+from .prompts import IGNORE_INDEX, get_prompt_builder, one_turn_prompt, prompt_token_ids, user_turn_anchor
 
 STAGES = ("align", "finetune", "full-align")
 DEFAULT_MAX_NEW_TOKENS = 64  # answer length limit of `generate` / `merv generate` when none is given
@@ -69,24 +73,35 @@ def merge_visual(
     labels: torch.Tensor | None,
     visual: torch.Tensor,
     has_visual: torch.Tensor,
-    offset: int,
+    offset: int | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Insert `visual` (B, L, d) at `offset` for visual samples; pad text-only samples at the end."""
+    """Insert `visual` (B, L, d) at `offset` (one int, or one per sample) for visual samples; pad
+    text-only samples at the end. Gathers, so every row may have its own offset."""
     b, length, d = visual.shape
+    n = embeds.shape[1]
     hv = has_visual.view(b, 1)
-    ones = attention_mask.new_ones(b, length)
-    emb_v = torch.cat([embeds[:, :offset], visual, embeds[:, offset:]], dim=1)
-    emb_t = torch.cat([embeds, torch.zeros_like(visual)], dim=1)
-    merged = torch.where(hv.unsqueeze(-1), emb_v, emb_t)
-    mask_v = torch.cat([attention_mask[:, :offset], ones, attention_mask[:, offset:]], dim=1)
-    mask_t = torch.cat([attention_mask, torch.zeros_like(ones)], dim=1)
-    mask = torch.where(hv, mask_v, mask_t)
+    off = torch.as_tensor(offset, device=embeds.device).long().expand(b)
+    off = torch.where(hv.view(b), off, torch.full_like(off, n))[:, None]  # text-only: the slots go last
+    pos = torch.arange(n + length, device=embeds.device)[None]
+    in_visual = (pos >= off) & (pos < off + length)  # (B, N + L)
+    text_at = torch.where(pos < off, pos, pos - length).clamp(0, max(n - 1, 0))
+    visual_at = (pos - off).clamp(0, length - 1)
+    vis = torch.where(hv.unsqueeze(-1), visual, torch.zeros_like(visual)).gather(1, visual_at[..., None].expand(-1, -1, d))
+    merged = torch.where(in_visual[..., None], vis, embeds.gather(1, text_at[..., None].expand(-1, -1, d)))
+    mask = torch.where(in_visual, hv.to(attention_mask.dtype), attention_mask.gather(1, text_at))
     if labels is None:
         return merged, mask, None
-    ignore = labels.new_full((b, length), IGNORE_INDEX)
-    lab_v = torch.cat([labels[:, :offset], ignore, labels[:, offset:]], dim=1)
-    lab_t = torch.cat([labels, ignore], dim=1)
-    return merged, mask, torch.where(hv, lab_v, lab_t)
+    return merged, mask, torch.where(in_visual, torch.full_like(text_at, IGNORE_INDEX), labels.gather(1, text_at))
+
+
+def first_after(input_ids: torch.Tensor, anchor: Sequence[int]) -> torch.Tensor:
+    """(B,) index just past the first occurrence of `anchor` in each row; 0 where it is absent."""
+    k = len(anchor)
+    if input_ids.shape[1] < k:
+        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    windows = input_ids.unfold(1, k, 1)  # (B, N - k + 1, k)
+    hit = (windows == torch.tensor(list(anchor), device=input_ids.device, dtype=input_ids.dtype)).all(-1)
+    return torch.where(hit.any(1), hit.int().argmax(1) + k, 0)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +148,7 @@ class MervModel(nn.Module):
         bos_token_id: int | None | str = "auto",
         prompt_format: str = "pure",
         llm_source: str | None = None,
+        visual_anchor: Sequence[int] | None | str = "auto",
     ) -> None:
         super().__init__()
         hidden = llm.config.hidden_size
@@ -148,6 +164,10 @@ class MervModel(nn.Module):
             # the reference inserts after BOS iff the tokenizer has a BOS token (Qwen2.5 has none)
             bos_token_id = tokenizer.bos_token_id if tokenizer is not None else llm.config.bos_token_id
         self.bos_token_id: int | None = bos_token_id  # type: ignore[assignment]
+        if visual_anchor == "auto":  # without BOS, a chat template's user turn opens the visual tokens
+            use = bos_token_id is None and tokenizer is not None and prompt_format == "chat-template"
+            visual_anchor = user_turn_anchor(tokenizer) if use else None
+        self.visual_anchor: tuple[int, ...] | None = tuple(visual_anchor) if visual_anchor else None  # type: ignore[arg-type]
         self.prompt_format = prompt_format
         self.llm_source = llm_source
         self.stage: str | None = None
@@ -158,10 +178,16 @@ class MervModel(nn.Module):
 
     # --- properties ---------------------------------------------------------------------------
 
-    @property
-    def visual_offset(self) -> int:
-        """Index of the first visual token: 1 after BOS, 0 without BOS."""
-        return 0 if self.bos_token_id is None else 1
+    def visual_offsets(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) index of each sample's first visual token (module doc): 1, right after BOS; without
+        BOS, just past `visual_anchor` (the start of the first user turn's content), or 0 where
+        the sample has no user turn (captions) or the model no anchor."""
+        b = input_ids.shape[0]
+        if self.bos_token_id is not None:
+            return torch.ones(b, dtype=torch.long, device=input_ids.device)
+        if self.visual_anchor is None:
+            return torch.zeros(b, dtype=torch.long, device=input_ids.device)
+        return first_after(input_ids, self.visual_anchor)
 
     @property
     def num_visual_tokens(self) -> int:
@@ -233,7 +259,7 @@ class MervModel(nn.Module):
         if out.embeds.shape[0] != b:
             raise ValueError(f"features have batch size {out.embeds.shape[0]} but input_ids have {b}")
         merged, mask, lab = merge_visual(
-            embeds, attention_mask, labels, out.embeds.to(embeds.dtype), has_visual, self.visual_offset
+            embeds, attention_mask, labels, out.embeds.to(embeds.dtype), has_visual, self.visual_offsets(input_ids)
         )
         return merged, mask, lab, out.weights
 
@@ -316,7 +342,7 @@ class MervModel(nn.Module):
             if visual is not None:
                 if self.bos_token_id is not None and ids[0] != self.bos_token_id:
                     raise ValueError(f"prompt {i} does not start with BOS (id {self.bos_token_id})")
-                off = self.visual_offset
+                off = int(self.visual_offsets(torch.tensor([ids]))[0])
                 e = torch.cat([e[:off], visual[i].to(e.dtype), e[off:]], dim=0)
             seqs.append(e)
         n = max(s.shape[0] for s in seqs)

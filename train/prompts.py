@@ -221,6 +221,42 @@ def ensure_bos(tokenizer: Any, ids: list[int]) -> list[int]:
     return ids if ids and ids[0] == bos else [bos] + ids
 
 
+_SYSTEM_MARK, _USER_MARK = "MERVSYSTEMMARK", "MERVUSERMARK"
+
+
+def user_turn_anchor(tokenizer: Any) -> tuple[int, ...] | None:
+    """Token ids that end right where the first user message's content begins in the tokenizer's
+    chat template; None without a template.
+
+    Where the visual tokens go without a BOS token (Qwen2.5): right after the first occurrence of
+    these ids, i.e. at the start of the first user turn's content, as Qwen's own vision models place
+    them. Taken from the template: the text between a system turn's content and the user's
+    (ChatML: "<|im_end|>\\n<|im_start|>user\\n"); a template without system turns gives the whole text
+    before the user's content. Checked in context: the anchor must tokenize the same inside a
+    rendered conversation, else this raises (the template / tokenizer pair cannot place them)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+
+    def render(messages: list[dict[str, str]]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    try:
+        text = render([{"role": "system", "content": _SYSTEM_MARK}, {"role": "user", "content": _USER_MARK}])
+        start = text.index(_SYSTEM_MARK) + len(_SYSTEM_MARK)
+    except Exception:  # noqa: BLE001 - a template without system turns raises its own error types
+        text = render([{"role": "user", "content": _USER_MARK}])
+        start = 0
+    user = text.index(_USER_MARK)
+    anchor = tuple(_encode(tokenizer, text[start:user], special=False))
+    full = _encode(tokenizer, text, special=False)
+    after = next((i + len(anchor) for i in range(len(full) - len(anchor) + 1)
+                  if tuple(full[i:i + len(anchor)]) == anchor), None)
+    if not anchor or after is None or not tokenizer.decode(full[after:]).startswith(_USER_MARK):
+        raise ValueError("the tokenizer has no BOS token and its chat template's user turn does not start at a token "
+                         "boundary, so the visual tokens cannot be placed at the start of the user's content")
+    return anchor
+
+
 def tokenize_conversation(
     builder: PromptBuilder,
     tokenizer: Any,

@@ -4,7 +4,10 @@
   merv-full               Stage 1 captioning with the LLM unfrozen (full-align), then Stage 2
   merv-videollava-recipe  Stage 1 aligns the connector only (align), then Stage 2
   <encoder>-single        single-encoder baselines (frozen recipe, one encoder)
+  qwen2.5-7b-instruct, qwen2.5-1.5b-instruct, qwen2.5-0.5b-instruct, llama3-8b-instruct, llama3.1-8b-instruct
+                          the frozen recipe with that instruct LLM (its chat template)
   tiny                    the debug model of tests, CI and the demo (tiny encoders, tiny in-process LLaMA)
+  tiny-qwen2.5, tiny-llama3  tiny with Qwen2.5's / LLaMA-3's tokenizer behaviour, chat template, pad policy
   small                   CPU benchmark scale with the paper's proportions (benchmarks/train_bench.py)
   paper-shape             the paper's encoders and LLaMA-2 7B shapes with random weights (GPU benchmarks)
 
@@ -80,12 +83,24 @@ def single(encoder: str, stage: str = "finetune") -> RunConfig:
                    {"model.encoders": [encoder], "model.connector.fusion": "fixed_mix"})
 
 
-def tiny(stage: str = "finetune") -> RunConfig:
-    """CPU smoke / demo scale: tiny random encoders (the paper's frame counts) and a tiny LLaMA."""
-    return _recipe("tiny", stage, ("full-align", "finetune"), {
-        "model.connector.tokens_per_frame": 4, "model.connector.fusion_embed_dim": 64,
-        "model.llm.name": "tiny-llama", "model.llm.max_length": 512, "model.encoder_size": "tiny",
-        "optim.lr": 1e-3, "loader.global_batch_size": 8, "loader.micro_batch_size": 4})
+def with_llm(llm: str, stage: str = "finetune") -> RunConfig:
+    """MERV (frozen) with another LLM (registry id `llm`, also the recipe's name): Stage 2 instruction
+    tuning of connector + LLM, the LLM's chat template as the prompt format."""
+    return _recipe(llm, stage, ("finetune",), {"model.llm.name": llm})
+
+
+# the recipes of modern instruct LLMs (merv.train.llm_configs keeps their configs for `merv model info`)
+LLM_RECIPES = ("qwen2.5-7b-instruct", "qwen2.5-1.5b-instruct", "qwen2.5-0.5b-instruct", "llama3-8b-instruct",
+               "llama3.1-8b-instruct")
+_TINY = {"model.connector.tokens_per_frame": 4, "model.connector.fusion_embed_dim": 64, "model.llm.max_length": 512,
+         "model.encoder_size": "tiny", "optim.lr": 1e-3, "loader.global_batch_size": 8, "loader.micro_batch_size": 4}
+
+
+def tiny(stage: str = "finetune", *, name: str = "tiny", llm: str = "tiny-llama") -> RunConfig:
+    """CPU smoke / demo scale: tiny random encoders (the paper's frame counts) and a tiny LLaMA
+    (`llm`: another in-process LLM, e.g. tiny-qwen2.5 / tiny-llama3, the test versions of the
+    instruct recipes: their tokenizers, chat templates and pad policies, tiny shapes)."""
+    return _recipe(name, stage, ("full-align", "finetune"), {**_TINY, "model.llm.name": llm})
 
 
 def small(stage: str = "finetune") -> RunConfig:
@@ -109,7 +124,10 @@ RECIPES: dict[str, Callable[..., RunConfig]] = {
     "merv-full": merv_full,
     "merv-videollava-recipe": videollava,
     **{f"{name}-single": functools.partial(single, name) for name in PAPER_ENCODER_ORDER},
+    **{llm: functools.partial(with_llm, llm) for llm in LLM_RECIPES},
     "tiny": tiny,
+    "tiny-qwen2.5": functools.partial(tiny, name="tiny-qwen2.5", llm="tiny-qwen2.5"),
+    "tiny-llama3": functools.partial(tiny, name="tiny-llama3", llm="tiny-llama3"),
     "small": small,
     "paper-shape": paper_shape,
 }
@@ -150,8 +168,10 @@ def recipe_memory(name: str, lora: Any = None) -> Any:
     """`merv model info --lora`: the recipe's training memory, full finetune vs LoRA (paper sizes)."""
     from .accounting import training_memory
 
+    from .llm_configs import sizing_config
+
     model = _paper_size(name)
-    return training_memory(model.feature_specs(), model.connector, lora=lora)
+    return training_memory(model.feature_specs(), model.connector, sizing_config(model.llm.name), lora=lora)
 
 
 def resolve_run_config(layers: Sequence[tuple[str, Mapping[str, Any]]]) -> RunConfig:
@@ -173,6 +193,6 @@ def load_run_config(*, file: str | os.PathLike[str] | None = None, flags: Mappin
                                ("command-line flags", from_flat(flags or {})), ("--set", parse_overrides(overrides))])
 
 
-__all__ = ["DEFAULT_RECIPE", "FLAT_KEYS", "PAPER_STAGES", "RECIPES", "RecipeError", "get_recipe", "load_run_config",
-           "merv_frozen", "merv_full", "paper_shape", "recipe_memory", "recipe_report", "resolve_run_config", "single", "small", "tiny",
-           "videollava"]
+__all__ = ["DEFAULT_RECIPE", "FLAT_KEYS", "LLM_RECIPES", "PAPER_STAGES", "RECIPES", "RecipeError", "get_recipe",
+           "load_run_config", "merv_frozen", "merv_full", "paper_shape", "recipe_memory", "recipe_report",
+           "resolve_run_config", "single", "small", "tiny", "videollava", "with_llm"]

@@ -246,6 +246,22 @@ def split_state(tree: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
     return tensors, plain
 
 
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{alias: first name} of parameters registered under several names (tied embeddings: Qwen2.5
+    0.5B / 1.5B's `lm_head.weight` is `embed_tokens.weight`). A checkpoint stores each tensor once
+    (safetensors refuses tensors that share memory); a resume hands the alias the loaded tensor."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.update({name: first[id(param)]} if id(param) in first else {})
+        first.setdefault(id(param), name)
+    return aliases
+
+
+def _without(state: Mapping[str, Any], aliases: Mapping[str, str]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k not in aliases}
+
+
 def _tensor_table(tensors: Mapping[str, torch.Tensor]) -> dict[str, list[Any]]:
     """Global shape and dtype of every tensor (a DTensor reports its global shape)."""
     return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in tensors.items()}
@@ -334,7 +350,7 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, model: torch.nn.Mod
     model_sd, optim_sd = get_state_dict(model, optimizer)
     if trainable_only:
         model_sd = _trainable_state(model, model_sd)
-    tensors, plain = split_state({"model": model_sd, "optim": optim_sd})
+    tensors, plain = split_state({"model": _without(model_sd, tied_aliases(model)), "optim": optim_sd})
     writer = _RecordingWriter(str(path / DCP_DIR))
     dcp.save(tensors, storage_writer=writer)
     rng = _rng_file(path, env.rank)
@@ -596,7 +612,8 @@ def load_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, optimi
     if trainable_only:
         model_sd = _trainable_state(model, model_sd)
     kept = _drop_unsaved_param_state(optim_sd, state["tensors"])
-    template = {"model": model_sd, "optim": kept}
+    aliases = tied_aliases(model)
+    template = {"model": _without(model_sd, aliases), "optim": kept}
     tensors, _plain = split_state(template)
     mismatch = _tensor_mismatch(state["tensors"], tensors)
     if mismatch:
@@ -619,6 +636,7 @@ def load_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, optimi
             raise CheckpointIntegrityError(f"{path / STATE_FILE} lacks optimizer entry {key!r}; the file is damaged")
         values[key] = _leaf_from_json(saved_plain[key], like, key, path / STATE_FILE)
     tree = _rebuild(template, values)
+    tree["model"].update({alias: tree["model"][name] for alias, name in aliases.items() if name in tree["model"]})
     # model keys were checked against the table above
     strict = len(kept["state"]) == len(optim_sd["state"]) and not trainable_only
     set_state_dict(model, optimizer, model_state_dict=tree["model"], optim_state_dict=tree["optim"],

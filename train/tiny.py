@@ -2,9 +2,14 @@
 
 No weights or tokenizers can be downloaded here, so the project trains its own byte-level BPE
 tokenizer in-process on a small embedded corpus and initialises small LLaMA / Qwen2 models from a
-seed. Two flavours match the two tokenizer behaviours the model must handle:
-  "llama"  BOS-prefixed, "</s>" EOS, plain prompt formats (like LLaMA-2)
-  "qwen2"  no BOS, "<|im_end|>" end of turn, a chat template (like Qwen2.5 instruct)
+seed. The flavours match the tokenizer behaviours the model must handle:
+  "llama"    BOS-prefixed, "</s>" EOS, plain prompt formats (like LLaMA-2)
+  "qwen2"    no BOS, "<|im_end|>" end of turn, a short ChatML chat template
+  "qwen2.5"  Qwen2.5-Instruct's tokenizer: no BOS, "<|endoftext|>" pad, "<|im_end|>" EOS, its
+             pre-tokenizer pattern and its chat template (ChatML with Qwen's default system turn)
+  "llama3"   LLaMA-3-Instruct's tokenizer: "<|begin_of_text|>" BOS, "<|eot_id|>" EOS, no pad token
+             (the pad policy adds "<PAD>"), its pre-tokenizer pattern and its chat template
+             (<|start_header_id|>role<|end_header_id|> headers, turns closed by <|eot_id|>)
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .llm import ensure_pad_token
 from .specs import FeatureSpec
 
 _SUBJECTS = ["a man", "a woman", "a dog", "a cat", "two children", "a chef", "a player", "the camera", "a bird", "a car"]
@@ -49,6 +55,41 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
+# Qwen2.5-Instruct's chat template without its tool-calling branches (tokenizer_config.json)
+QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN25_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\n" + QWEN25_SYSTEM + "<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) or message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# Meta-Llama-3-8B-Instruct's special tokens and chat template (tokenizer_config.json)
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim "
+    "+ '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+# The pre-tokenizer patterns of the two families' tokenizer.json (Qwen2: single digits; LLaMA-3: up to 3)
+_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+            r"|\s+(?!\S)|\s+")
+PRETOKENIZE_PATTERNS = {"qwen2.5": _PATTERN % "", "llama3": _PATTERN % "{1,3}"}
+FLAVORS = ("llama", "qwen2", "qwen2.5", "llama3")
+_SPECIALS = {"llama": LLAMA_SPECIALS, "qwen2": QWEN_SPECIALS, "qwen2.5": QWEN_SPECIALS, "llama3": LLAMA3_SPECIALS}
+
+
+def _unknown(flavor: str, what: str) -> ValueError:
+    return ValueError(f"tiny {what} flavor {flavor!r} is unknown; use one of {', '.join(FLAVORS)}")
+
+
 def tiny_corpus() -> list[str]:
     """Deterministic small corpus of captions, questions and prompt-format fragments."""
     lines = [f"{s} {v} {p}." for s, v, p in itertools.product(_SUBJECTS, _VERBS, _PLACES)]
@@ -59,31 +100,41 @@ def tiny_corpus() -> list[str]:
 
 def build_tiny_tokenizer(flavor: str = "llama", vocab_size: int = 640, model_max_length: int = 1024) -> Any:
     """Byte-level BPE trained in-process (no unknown characters), wrapped as a HF fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if flavor not in ("llama", "qwen2"):
-        raise ValueError(f"tiny tokenizer flavor {flavor!r} is unknown; use 'llama' or 'qwen2'")
-    specials = LLAMA_SPECIALS if flavor == "llama" else QWEN_SPECIALS
+    if flavor not in FLAVORS:
+        raise _unknown(flavor, "tokenizer")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if flavor in PRETOKENIZE_PATTERNS:  # the family's own split, then bytes (as its tokenizer.json does)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERNS[flavor]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=specials,
+        special_tokens=_SPECIALS[flavor],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(tiny_corpus(), trainer)
     common = {"padding_side": "right", "model_max_length": model_max_length}
-    if flavor == "llama":
-        bos_id = tok.token_to_id("<s>")
+    if flavor in ("llama", "llama3"):
+        bos = "<s>" if flavor == "llama" else "<|begin_of_text|>"
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
         )
+    if flavor == "llama":
         return PreTrainedTokenizerFast(
             tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", **common
         )
+    if flavor == "llama3":  # no pad token, as LLaMA-3's: merv.train.llm.ensure_pad_token adds "<PAD>"
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                       additional_special_tokens=LLAMA3_SPECIALS[1:4], **common)
+        fast.chat_template = LLAMA3_CHAT_TEMPLATE
+        return fast
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -91,7 +142,7 @@ def build_tiny_tokenizer(flavor: str = "llama", vocab_size: int = 640, model_max
         additional_special_tokens=["<|im_start|>"],
         **common,
     )
-    fast.chat_template = QWEN_CHAT_TEMPLATE
+    fast.chat_template = QWEN_CHAT_TEMPLATE if flavor == "qwen2" else QWEN25_CHAT_TEMPLATE
     return fast
 
 
@@ -108,16 +159,18 @@ def build_tiny_llm(
     vocab_size: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    tie_word_embeddings: bool = False,
 ) -> nn.Module:
     """Randomly initialised (seeded) LlamaForCausalLM / Qwen2ForCausalLM sized for CPU tests.
 
     `vocab_size` (default: the tokenizer's) may exceed the tokenizer: rows it never uses, so a
-    shape-only model can carry a real LLM's embedding and LM-head cost."""
+    shape-only model can carry a real LLM's embedding and LM-head cost. `tie_word_embeddings`:
+    one matrix for the embedding and the LM head (Qwen2.5 0.5B / 1.5B)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    cfg_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}.get(flavor)
+    cfg_cls = {"llama": LlamaConfig, "llama3": LlamaConfig, "qwen2": Qwen2Config, "qwen2.5": Qwen2Config}.get(flavor)
     if cfg_cls is None:
-        raise ValueError(f"tiny LLM flavor {flavor!r} is unknown; use 'llama' or 'qwen2'")
+        raise _unknown(flavor, "LLM")
     config = cfg_cls(
         vocab_size=max(vocab_size or 0, len(tokenizer)),
         hidden_size=hidden_size,
@@ -129,11 +182,12 @@ def build_tiny_llm(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         llm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        ensure_pad_token(llm, tokenizer)  # the real LLMs' pad policy (llama3: "<PAD>", rows padded to 64)
     llm.eval()
     return llm
 

@@ -78,7 +78,8 @@ CONFIG_KEY_CLASSES: dict[str, tuple[str, ...]] = {
     HARMLESS: ("checkpoint.out_dir", "checkpoint.every", "checkpoint.resume", "checkpoint.allow_config_change",
                "checkpoint.export", "model.llm.lora.export", "loader.micro_batch_size", "loader.num_workers", "loader.prefetch_factor",
                "data.pool_at_load", "parallel.device", "parallel.activation_checkpointing", "parallel.nproc",
-               "logging.tensorboard", "logging.progress", "derived.world_size", "derived.activation_checkpointing"),
+               "logging.tensorboard", "logging.progress", "logging.wandb.*", "derived.world_size",
+               "derived.activation_checkpointing"),
 }
 
 
@@ -163,6 +164,10 @@ def _train(config: RunConfig, feature_fn: Any, env: DistEnv, mode: str) -> dict[
     torch.manual_seed(config.seed)
     config = config.with_absolute_paths()
     _micro, accum = config.loader.split(env.world_size)  # refuse a batch split that cannot work, first
+    if config.logging.wandb.enabled and env.is_main:  # and a tracker that is not installed
+        from .tracking import require_wandb
+
+        require_wandb()
     out = Path(config.checkpoint.out_dir)
     ckpt_root = out / "checkpoints"
     point = select_checkpoint(ckpt_root, env, mode)  # refuse early, before anything is built or written
@@ -206,7 +211,8 @@ def _train(config: RunConfig, feature_fn: Any, env: DistEnv, mode: str) -> dict[
         dump_config(config, out / CONFIG_FILE)
         if run.history:
             (out / CONFIG_CHANGES).write_text(json.dumps(run.history, indent=1))
-    logger = MetricsLogger(out, enabled=env.is_main, tensorboard=config.logging.tensorboard, start_step=step)
+    logger = MetricsLogger(out, enabled=env.is_main, tensorboard=config.logging.tensorboard, start_step=step,
+                           wandb=config.logging.wandb, run_config=resolved)
     try:
         summary = _loop(run, model, optimizer, scheduler, loader, logger, step, total_steps)
     finally:
