@@ -17,26 +17,26 @@ from merv.pipelines.demo import MERV, DemoConfig, DemoError, run_demo
 @pytest.mark.integration
 def test_reduced_demo_compares_models_per_skill_and_prices_the_cache(tmp_path, ray_session):
     out = io.StringIO()
-    result = run_demo(DemoConfig(out=str(tmp_path / "demo"), videos=96, steps=100, singles=("dinov2",),
+    result = run_demo(DemoConfig(out=str(tmp_path / "demo"), videos=80, steps=160, singles=("dinov2",),
                                  fusion="learnable_scalar", online_steps=2),
                       console=Console(file=out, width=200, color_system=None))
     text = out.getvalue()
+    print(text)
     chance = result.chance
     assert set(result.models) == {MERV, "fusion-learnable_scalar", "only-dinov2"}
     for m in result.models.values():  # every model scored on every skill, from its own prediction rows
-        assert set(m["accuracy"]) == set(chance) and m["steps"] == 100 and m["train_s"] > 0
+        assert set(m["accuracy"]) == set(chance) and m["steps"] == 160 and m["train_s"] > 0
         assert f"│ {m['label']} " in text  # a row of the printed table
     assert result.accuracy == result.models[MERV]["accuracy"]
-    assert result.accuracy["color"] >= chance["color"] + 0.35, result.models  # colour is learned in 100 steps
+    assert result.accuracy["color"] >= chance["color"] + 0.35, result.models  # colour is learned in 160 steps
 
-    # the printed accuracies are the prediction rows' (direction answers from the answer space)
+    # the printed accuracies are each model's own prediction rows'
     from merv.pipelines.evaluate import row_correct, run_rows
-    from merv.pipelines.synthetic import ANSWER_SPACE
 
     rows = run_rows(tmp_path / "demo" / "models" / "only-dinov2" / "eval" / "synthetic_open" / "generate")
     moves = [r for r in rows if r["question_type"] == "direction"]
-    assert moves and all(r["pred"].strip().lower().rstrip(".") in ANSWER_SPACE["direction"] for r in moves), moves[:3]
-    assert result.models["only-dinov2"]["accuracy"]["direction"] == pytest.approx(sum(map(row_correct, moves)) / len(moves))
+    assert moves and result.models["only-dinov2"]["accuracy"]["direction"] == pytest.approx(
+        sum(map(row_correct, moves)) / len(moves))
 
     # fusion weights: a distribution over the four encoders; cross-attention's follow the video,
     # the learned scalars are one mix for every video
@@ -50,7 +50,7 @@ def test_reduced_demo_compares_models_per_skill_and_prices_the_cache(tmp_path, r
     # each model by its own encoders (one encoder re-run costs less than four on the same samples)
     cost = result.cost
     assert "(measured)" in text and "(extrapolated)" in text and "cost of 3 models" in text
-    assert cost["online_measured"]["steps"] == 2 and cost["online_measured"]["samples"] == 2 * 16
+    assert cost["online_measured"]["steps"] == 2 and cost["online_measured"]["samples"] == 2 * DemoConfig.global_batch_size
     assert set(cost["online_measured"]["seconds"]) == {"decode", *encoders}
     extra = {n: cost["online_s_extrapolated"][n] - cost["train_s"][n] for n in cost["train_s"]}
     assert 0 < extra["only-dinov2"] < extra[MERV] == pytest.approx(extra["fusion-learnable_scalar"])
