@@ -17,7 +17,7 @@ from merv.pipelines.demo import MERV, DemoConfig, DemoError, run_demo
 @pytest.mark.integration
 def test_reduced_demo_compares_models_per_skill_and_prices_the_cache(tmp_path, ray_session):
     out = io.StringIO()
-    result = run_demo(DemoConfig(out=str(tmp_path / "demo"), videos=80, steps=160, singles=("dinov2",),
+    result = run_demo(DemoConfig(out=str(tmp_path / "demo"), videos=80, steps=120, singles=("dinov2",),
                                  fusion="learnable_scalar", online_steps=2),
                       console=Console(file=out, width=200, color_system=None))
     text = out.getvalue()
@@ -25,10 +25,10 @@ def test_reduced_demo_compares_models_per_skill_and_prices_the_cache(tmp_path, r
     chance = result.chance
     assert set(result.models) == {MERV, "fusion-learnable_scalar", "only-dinov2"}
     for m in result.models.values():  # every model scored on every skill, from its own prediction rows
-        assert set(m["accuracy"]) == set(chance) and m["steps"] == 160 and m["train_s"] > 0
+        assert set(m["accuracy"]) == set(chance) and m["steps"] == 120 and m["train_s"] > 0
         assert f"│ {m['label']} " in text  # a row of the printed table
     assert result.accuracy == result.models[MERV]["accuracy"]
-    assert result.accuracy["color"] >= chance["color"] + 0.35, result.models  # colour is learned in 160 steps
+    assert result.accuracy["color"] >= chance["color"] + 0.35, result.models  # colour is learned in 120 steps
 
     # the printed accuracies are each model's own prediction rows'
     from merv.pipelines.evaluate import row_correct, run_rows
