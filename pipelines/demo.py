@@ -265,8 +265,8 @@ def verdict(models: dict[str, dict[str, Any]], chance: dict[str, float]) -> list
     singles = {n: m for n, m in models.items() if n.startswith("only-")}
     if MERV not in models or not singles:
         return []
-    lines = ["MERV's weights depend on the video only (one learned query, paper eq. 2): every question of a video "
-             "gets the same mix. Which encoder each skill leans on, from the single-encoder rows:"]
+    lines = [("MERV's weights depend on the video only (one learned query, paper eq. 2): every question of a video "
+              "gets the same mix. Which encoder each skill leans on, from the single-encoder rows:")]
     for skill in sorted(chance):
         alone = max(m["accuracy"].get(skill, 0.0) for m in singles.values())
         leaders = [ENCODER_LABELS.get(n[5:], n[5:]) for n, m in singles.items() if m["accuracy"].get(skill, 0.0) == alone]
