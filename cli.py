@@ -653,15 +653,21 @@ def ablate_cmd(
 @app.command("demo")
 def demo_cmd(
     out: str = typer.Option("runs/demo", "--out", help="output directory"),
-    videos: int = typer.Option(200, help="synthetic videos (80% train, 20% held out)"),
-    steps: int = typer.Option(300, help="training steps"),
+    videos: Optional[int] = typer.Option(None, help="synthetic videos (80% train, 20% held out) [default: DemoConfig's]"),
+    steps: Optional[int] = typer.Option(None, help="training steps per model [default: DemoConfig's]"),
     seed: int = typer.Option(0, help="seed of the synthetic data and of training"),
+    baselines: bool = typer.Option(True, help="also train the other fusion and the single-encoder baselines, and "
+                                              "price the cache against online encoding"),
     force: bool = typer.Option(False, "--force", help="replace --out even if `merv demo` did not make it"),
 ) -> None:
-    """Synthetic video QA -> extract (tiny encoders, Ray) -> train from cache -> evaluate -> plots."""
+    """Synthetic video QA -> extract once (tiny encoders, Ray) -> train MERV and baselines from the cache ->
+    accuracy per model and skill, fusion weights, cache-vs-online cost -> plots."""
     from merv.pipelines.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=out, videos=videos, steps=steps, seed=seed, force=force), console=console)
+    given = {k: v for k, v in (("videos", videos), ("steps", steps)) if v is not None}
+    if not baselines:
+        given.update(singles=(), fusion=None, online_steps=0)
+    run_demo(DemoConfig(out=out, seed=seed, force=force, **given), console=console)
 
 
 @app.command("roundtrip")

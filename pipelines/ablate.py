@@ -28,7 +28,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,8 +336,13 @@ def _paper_tflops(config: RunConfig) -> float | None:
     return flops / 1e12
 
 
-def run_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = False) -> list[dict[str, Any]]:
-    """Train + evaluate every variant not finished yet; write table.csv and table.md."""
+def run_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = False,
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Train + evaluate every variant not finished yet; write table.csv and table.md. Each row
+    records what its configuration cost (train_s, eval_s: wall seconds); `on_row` sees every row
+    as it is done or found done (progress reports)."""
+    import time
+
     from merv.pipelines.evaluate import evaluate, load_benchmark
     from merv.store import FeatureStore
     from merv.train.trainer import train
@@ -353,21 +358,29 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, progress: bool = False) -> list
         result_file = out / variant.name / "result.json"
         if result_file.exists():
             rows.append(json.loads(result_file.read_text()))
+            if on_row is not None:
+                on_row(rows[-1])
             continue
         config = variant.config(sweep.base, out, progress)  # resumes a variant interrupted earlier
+        t0 = time.perf_counter()
         summary = train(config)
         row: dict[str, Any] = {"name": variant.name, **{k: v for k, v in variant.changes},
-                               "steps": summary["steps"], "final_loss": summary["losses"][-1] if summary["losses"] else None}
+                               "steps": summary["steps"], "final_loss": summary["losses"][-1] if summary["losses"] else None,
+                               "train_s": round(time.perf_counter() - t0, 2)}
         row.update(_params(summary["export"]))
         row["paper_scale_tflops"] = _paper_tflops(config)
         if sweep.benchmarks:
             stores = sweep.eval_store or (config.data.stores[0] if config.data.stores else None)
+            t0 = time.perf_counter()
             results = evaluate(summary["export"], sweep.benchmarks, stores, str(out / variant.name / "eval"),
                                mode=sweep.eval_mode, resume=False)
+            row["eval_s"] = round(time.perf_counter() - t0, 2)
             for bench, summary in _benchmarks(results):
                 row[f"acc/{bench}"] = summary["accuracy"]
         result_file.write_text(json.dumps(row, indent=1, default=str))
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
     write_table(rows, out)
     return rows
 

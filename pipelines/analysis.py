@@ -224,11 +224,13 @@ def plot_skill_accuracy(
     min_count: int = 1,
     key: str = "skill",
     title: str | None = None,
+    chance: Mapping[str, float] | None = None,
 ) -> Path:
     """Grouped bars: accuracy per task (benchmark x first word) for each model (label -> rows / file / run dir).
 
     A task is drawn when every model has at least `min_count` questions in it (the paper draws
     tasks with more than 500). Several result files of one model may be given as a list of rows.
+    `chance` ({task: accuracy}) draws a dashed line across a task's bars.
     """
     if not results:
         raise ValueError("no result files to compare")
@@ -243,6 +245,10 @@ def plot_skill_accuracy(
     for m, (label, acc) in enumerate(per_model.items()):
         vals = [100 * acc[t][1] for t in tasks]
         ax.bar(x - 0.4 + width * (m + 0.5), vals, width, label=label)
+    for i, task in enumerate(tasks):
+        if chance and task in chance:
+            ax.hlines(100 * chance[task], i - 0.45, i + 0.45, colors="k", linestyles="--", lw=1,
+                      label="chance" if not any(t in chance for t in tasks[:i]) else None)
     ax.set_xticks(x, tasks, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)

@@ -47,6 +47,11 @@ QUESTIONS: dict[str, str] = {
 }
 ANSWER_SPACE: dict[str, list[str]] = {"color": list(COLORS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}
 CAPTION_PROMPT = "Describe the video briefly."
+# Geometry, as fractions of the frame side (the tiny encoders see a 4x4 patch grid, 1/4 of the side per
+# patch): a shape spans about two patches, and travels one and a half patches or more, so both the shape
+# and the displacement reach the encoders' features.
+RADIUS: tuple[float, float] = (0.16, 0.22)
+TRAVEL: tuple[float, float] = (0.3, 0.4)
 
 
 @dataclass
@@ -112,15 +117,30 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndar
     raise ValueError(f"shape {shape!r} is unknown; use one of {SHAPES}")
 
 
-def render_clip(clip: SyntheticClip, frames: int, size: int) -> np.ndarray:
-    """uint8 (frames, size, size, 3): the shape moving linearly from `start` to `end`."""
+TRAIL_GHOSTS = 4  # copies of the shape drawn fading out behind it when a trail is asked for
+
+
+def render_clip(clip: SyntheticClip, frames: int, size: int, trail: float = 0.0) -> np.ndarray:
+    """uint8 (frames, size, size, 3): the shape moving linearly from `start` to `end`.
+
+    `trail` > 0 draws a motion trail (a streak fading out behind the shape, as motion blur leaves on
+    camera) `trail` x size pixels long: the direction then shows within a frame, next to each patch,
+    not only across frames (random encoders keep local patterns far better than displacements)."""
     out = np.full((frames, size, size, 3), clip.background, dtype=np.uint8)
-    colour = np.array(COLORS[clip.color], dtype=np.uint8)
+    colour = np.array(COLORS[clip.color], dtype=np.float32)
+    dx, dy = DIRECTIONS[clip.direction]
     for i in range(frames):
         a = i / max(frames - 1, 1)
         cx = clip.start[0] + a * (clip.end[0] - clip.start[0])
         cy = clip.start[1] + a * (clip.end[1] - clip.start[1])
-        out[i][shape_mask(clip.shape, cx, cy, clip.radius, size)] = colour
+        frame = out[i].astype(np.float32)
+        for j in range(TRAIL_GHOSTS, 0, -1) if trail > 0 else ():  # farthest (faintest) first
+            back = trail * size * j / TRAIL_GHOSTS
+            alpha = 0.7 * (1 - j / (TRAIL_GHOSTS + 1))
+            mask = shape_mask(clip.shape, cx - dx * back, cy - dy * back, clip.radius, size)
+            frame[mask] = (1 - alpha) * frame[mask] + alpha * colour
+        frame[shape_mask(clip.shape, cx, cy, clip.radius, size)] = colour
+        out[i] = np.round(frame).astype(np.uint8)
     return out
 
 
@@ -166,11 +186,13 @@ def write_mp4(path: str | os.PathLike[str], video: np.ndarray, fps: int = 8, cod
 # ------------------------------------------------------------------------------------- planning
 
 
-def plan_clips(n_videos: int, seed: int, size: int, test_fraction: float) -> list[SyntheticClip]:
+def plan_clips(n_videos: int, seed: int, size: int, test_fraction: float, *, radius: tuple[float, float] = RADIUS,
+               travel: tuple[float, float] = TRAVEL) -> list[SyntheticClip]:
     """Attributes, geometry and split of every clip (no I/O).
 
     The 48 (colour, shape, direction) combinations are dealt round-robin in seeded order, so every
     answer is about equally frequent; the test split takes every k-th clip of a seeded permutation.
+    `radius` / `travel`: (low, high) fractions of `size` the shape's half-extent and its path are drawn from.
     """
     if n_videos < 2:
         raise ValueError("need at least 2 videos (one train, one test)")
@@ -178,6 +200,12 @@ def plan_clips(n_videos: int, seed: int, size: int, test_fraction: float) -> lis
         raise ValueError("test_fraction must be in (0, 1)")
     if size < 32 or size % 2:
         raise ValueError("size must be an even number >= 32 (yuv420p needs even sizes)")
+    for name, (low, high) in (("radius", radius), ("travel", travel)):
+        if not 0 < low <= high < 1:
+            raise ValueError(f"{name} {(low, high)}: need 0 < low <= high < 1 (fractions of the frame side)")
+    if 2 * radius[1] + travel[1] + 4 / size > 1:
+        raise ValueError(f"radius {radius} and travel {travel} do not fit the frame: need 2 * radius + travel "
+                         "(the largest) below 1 minus a 2-pixel margin on each side")
     rng = np.random.default_rng(seed)
     combos = list(itertools.product(COLORS, SHAPES, DIRECTIONS))
     order: list[tuple[str, str, str]] = []
@@ -188,19 +216,19 @@ def plan_clips(n_videos: int, seed: int, size: int, test_fraction: float) -> lis
     test_idx = set(rng.permutation(n_videos)[:n_test].tolist())
     clips = []
     for i, (color, shape, direction) in enumerate(order[:n_videos]):
-        r = float(rng.uniform(0.16, 0.22) * size)  # a shape spans about two tiny-encoder patches
-        travel = float(rng.uniform(0.3, 0.4) * size)
+        r = float(rng.uniform(*radius) * size)
+        path = float(rng.uniform(*travel) * size)
         lo, hi = r + 2, size - r - 2
         dx, dy = DIRECTIONS[direction]
-        # along the motion axis the path [p, p + travel] must fit; across it, anywhere inside
-        along = float(rng.uniform(lo, hi - travel))
+        # along the motion axis the path [p, p + path] must fit; across it, anywhere inside
+        along = float(rng.uniform(lo, hi - path))
         across = float(rng.uniform(lo, hi))
         if dx:
-            x0 = along if dx > 0 else along + travel
-            start, end = (x0, across), (x0 + dx * travel, across)
+            x0 = along if dx > 0 else along + path
+            start, end = (x0, across), (x0 + dx * path, across)
         else:
-            y0 = along if dy > 0 else along + travel
-            start, end = (across, y0), (across, y0 + dy * travel)
+            y0 = along if dy > 0 else along + path
+            start, end = (across, y0), (across, y0 + dy * path)
         vid = f"syn_{i:05d}"
         clips.append(
             SyntheticClip(
@@ -257,19 +285,25 @@ def generate_synthetic(
     test_fraction: float = 0.2,
     codec: str = "libx264",
     overwrite: bool = False,
+    radius: tuple[float, float] = RADIUS,
+    travel: tuple[float, float] = TRAVEL,
+    trail: float = 0.0,
 ) -> SyntheticDataset:
-    """Write the synthetic QA set under out_dir (layout in the module docstring)."""
+    """Write the synthetic QA set under out_dir (layout in the module docstring); `radius` / `travel`
+    as in `plan_clips`, `trail` as in `render_clip`."""
     root = Path(out_dir)
+    if frames < 2:
+        raise ValueError("frames must be >= 2 (motion needs two frames)")
+    if not 0 <= trail < 1:
+        raise ValueError(f"trail {trail}: a fraction of the frame side in [0, 1)")
+    clips = plan_clips(n_videos, seed, size, test_fraction, radius=radius, travel=travel)  # refuses bad settings first
     if root.exists() and any(root.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{root} is not empty; pass overwrite=True to replace it")
         shutil.rmtree(root)
-    if frames < 2:
-        raise ValueError("frames must be >= 2 (motion needs two frames)")
-    clips = plan_clips(n_videos, seed, size, test_fraction)
     (root / "videos").mkdir(parents=True, exist_ok=True)
     for c in clips:
-        write_mp4(root / c.path, render_clip(c, frames, size), fps=fps, codec=codec)
+        write_mp4(root / c.path, render_clip(c, frames, size, trail), fps=fps, codec=codec)
     with (root / "manifest.jsonl").open("w") as fh:
         for c in clips:
             fh.write(json.dumps({"id": c.id, "path": c.path, "split": c.split}) + "\n")
@@ -293,7 +327,7 @@ def generate_synthetic(
         root / "dataset.json",
         {
             "seed": seed, "videos": n_videos, "train": len(train), "test": len(test), "size": size, "frames": frames,
-            "fps": fps, "codec": codec, "chance": chance, "manifest": "manifest.jsonl", "train_json": "train.json",
+            "radius": list(radius), "travel": list(travel), "trail": trail, "fps": fps, "codec": codec, "chance": chance, "manifest": "manifest.jsonl", "train_json": "train.json",
             "captions_json": "captions.json", "mcq": "eval/synthetic_mcq", "open": "eval/synthetic_open",
             "clips": [asdict(c) for c in clips],
         },
@@ -317,6 +351,6 @@ def load_synthetic(root: str | os.PathLike[str]) -> SyntheticDataset:
 
 
 __all__ = [
-    "ANSWER_SPACE", "COLORS", "DIRECTIONS", "QUESTIONS", "SHAPES", "SyntheticClip", "SyntheticDataset",
+    "ANSWER_SPACE", "COLORS", "DIRECTIONS", "QUESTIONS", "RADIUS", "SHAPES", "TRAVEL", "SyntheticClip", "SyntheticDataset",
     "generate_synthetic", "load_synthetic", "plan_clips", "render_clip", "rgb_to_yuv420p", "shape_mask", "write_mp4",
 ]

@@ -145,3 +145,25 @@ def test_deterministic_and_fast(tmp_path: Path) -> None:
     # rendering alone is a pure function of the clip
     clip = a.clips[0]
     assert np.array_equal(render_clip(clip, 8, 64), render_clip(clip, 8, 64))
+
+
+def test_a_trail_fades_out_behind_the_shape_only_and_geometry_is_checked() -> None:
+    """The demo's motion trail: fainter copies of the shape's colour behind it (against the motion),
+    nothing ahead of it; geometry that cannot fit the frame is refused."""
+    for clip in plan_clips(8, 3, 64, 0.25, radius=(0.17, 0.21), travel=(0.45, 0.5)):
+        plain, trailed = render_clip(clip, 4, 64), render_clip(clip, 4, 64, trail=0.25)
+        dx, dy = DIRECTIONS[clip.direction]
+        reach = clip.radius + 0.25 * 64 / 2  # half the trail's length past the shape's edge
+        (x0, y0), (cx, cy) = clip.start, clip.end
+        behind = (round(cy - dy * reach), round(cx - dx * reach))  # in the last frame: the path is behind it
+        ahead = (round(y0 + dy * reach), round(x0 + dx * reach))  # in the first frame: the path is ahead
+        colour = np.array(COLORS[clip.color], dtype=np.int16)
+        bg = plain[-1][behind].astype(np.int16)
+        assert np.array_equal(bg, [clip.background] * 3), clip  # the plain clip has nothing there
+        tint = trailed[-1][behind].astype(np.int16)
+        assert 0 < np.abs(tint - bg).sum() < np.abs(colour - bg).sum(), (clip, tint)  # between background and colour
+        assert np.array_equal(trailed[0][ahead], plain[0][ahead])  # nothing ahead of the shape
+        shape = shape_mask(clip.shape, cx, cy, clip.radius, 64)
+        assert (trailed[-1][shape] == COLORS[clip.color]).all()  # the shape itself stays solid
+    with pytest.raises(ValueError, match="do not fit the frame"):
+        plan_clips(8, 3, 64, 0.25, radius=(0.2, 0.25), travel=(0.5, 0.6))

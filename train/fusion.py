@@ -170,7 +170,8 @@ class LearnableScalarFusion(Fusion):
 
     def forward(self, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         stacked = stack_encoders(xs)
-        weights = self.logits.float().softmax(dim=0).expand(stacked.shape[0], -1)
+        # repeat, not expand: a view in the model's output makes FSDP2 warn (its pre-backward hook on a view)
+        weights = self.logits.float().softmax(dim=0).repeat(stacked.shape[0], 1)
         return _mix(weights, stacked), weights
 
 

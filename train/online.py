@@ -11,6 +11,7 @@ The loader, subsampler and encoders can be injected (tests, custom encoders).
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -245,6 +246,9 @@ class OnlineFeatureFn:
     same fingerprints as the store's groups, so online and cached training see the same numbers
     (`encode_clip` applies extraction's frame rules, pooling and the store's encoding). Every sample
     is decoded at the store's frame count. Built lazily per process (DataLoader workers included).
+
+    `seconds` adds up where the time goes in this process ("decode", then one entry per encoder):
+    what re-encoding in the loop costs each model, by its encoders (the demo's cost report).
     """
 
     def __init__(self, size: str = "paper", device: str = "cpu", weights: str | None = None) -> None:
@@ -252,9 +256,15 @@ class OnlineFeatureFn:
         self.device = device
         self.weights = weights  # build_encoder's: None (the size's default), "random", a file
         self._encoders: dict[str, Any] | None = None
+        self.seconds: dict[str, float] = {}
+        self.samples = 0  # samples decoded and encoded in this process
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"size": self.size, "device": self.device, "weights": self.weights, "_encoders": None}
+        return {"size": self.size, "device": self.device, "weights": self.weights, "_encoders": None,
+                "seconds": {}, "samples": 0}
+
+    def _timed(self, key: str, t0: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
 
     def _build(self, data: Any) -> dict[str, Any]:
         if self._encoders is None:
@@ -289,13 +299,18 @@ class OnlineFeatureFn:
         for pos in np.nonzero(stores >= 0)[0]:
             reader = readers[int(stores[pos])]
             record = reader.table.record(int(data.sample_of[ex[pos]]))
+            t0 = time.perf_counter()
             with local_file(record.source) as path:
                 clip = load_clip(path, decoded[int(stores[pos])], start=record.start, end=record.end,
                                  end_frame=record.end_frame)
+            self._timed("decode", t0)
             stored_as = {n: (g.spec.encoding, g.spec.bitround_keepbits) for n, g in reader.groups.items()}
-            one = encode_clip(clip.frames_for, encoders, specs, is_image=clip.is_image, stored_as=stored_as)
-            for name, x in one.items():
-                feats[name][int(pos)] = x[0].to(dtype)
+            for spec in specs:  # one encoder at a time, to know what each costs
+                t0 = time.perf_counter()
+                one = encode_clip(clip.frames_for, encoders, [spec], is_image=clip.is_image, stored_as=stored_as)
+                feats[spec.name][int(pos)] = one[spec.name][0].to(dtype)
+                self._timed(spec.name, t0)
+            self.samples += 1
         return feats, has_visual
 
 
