@@ -102,12 +102,17 @@ def extract(manifest: Path, store: Path, model: Any, device: str) -> dict[str, A
     return {"seconds": round(time.perf_counter() - t0, 2), "videos": summary.extracted}
 
 
+def cached_workers(base: Any, args: argparse.Namespace) -> int:
+    """DataLoader workers of the cached run: --workers, else the loader's default (what `merv train` uses)."""
+    return base.loader.num_workers if args.workers is None else args.workers
+
+
 def run_config(base: Any, mode: str, args: argparse.Namespace, data: Path, store: Path, out: Path) -> Any:
     """The benchmark's run: the recipe's config with this mode's feeding and the timed steps."""
     return base.override({
         "data.files": [str(data)], "data.stores": [str(store)], "data.online": mode == "online",
         "checkpoint.out_dir": str(out), "checkpoint.export": False, "loader.global_batch_size": args.batch,
-        "loader.micro_batch_size": args.micro_batch, "loader.num_workers": args.workers if mode == "cached" else 0,
+        "loader.micro_batch_size": args.micro_batch, "loader.num_workers": cached_workers(base, args) if mode == "cached" else 0,
         "schedule.max_steps": args.warmup + args.steps, "logging.tensorboard": False, "logging.progress": False,
         "parallel.device": args.device, "seed": 0}, source="train_bench")
 
@@ -190,7 +195,7 @@ def configuration(config: Any, data: Path, store: Path, args: argparse.Namespace
         "seq_len": seq,
         "flops_per_sample": {**flops, "total": total, "encoder_share": round(flops["encoders_forward"] / total, 4)},
         "video": {"frames": args.frames, "height": args.height, "width": args.width, "codec": "h264 crf23 g12"},
-        "global_batch": args.batch, "micro_batch": args.micro_batch, "cached_num_workers": args.workers,
+        "global_batch": args.batch, "micro_batch": args.micro_batch, "cached_num_workers": cached_workers(base, args),
         "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats_best_of": args.repeats,
     }
 
@@ -225,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per mode")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps per mode")
-    ap.add_argument("--workers", type=int, default=1, help="DataLoader workers of the cached run")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="DataLoader workers of the cached run (default: the loader's own default, LoaderConfig)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per mode, order alternated; the best is reported")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--llm", default=None, help="replace the recipe's LLM (e.g. small-llama: a CPU check of a GPU recipe)")
@@ -280,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratios": ratios,
         # same batches, same numbers: the three runs differ only in where the features come from
         "losses_identical_across_modes": all(x == losses[0] for x in losses),
-        "targets": {"cached_over_floor": "<= 1.10", "cached_data_wait_frac": "< 0.05"},
+        "targets": {"cached_over_floor": "<= 1.05", "cached_data_wait_frac": "< 0.05"},
     }
     print(json.dumps(report, indent=2))
     if args.out is None:

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.integration  # Ray / several processes / servers: not i
 
 BIN = Path(sys.executable).parent
 ENCODERS = ["dinov2", "vivit"]
+POLL_S = 0.2  # each poll opens the store (~10 ms of CPU), which the job under test needs on 2 cores
 
 
 def _manifest(d: Path, rows: list[dict]) -> Path:
@@ -80,7 +81,7 @@ def _start(cmd: list[str], url: str, env: dict[str, str] | None = None) -> subpr
             out, err = proc.communicate()
             raise AssertionError(f"the job ended before its first commit:\n{out[-2000:]}\n{err[-3000:]}")
         assert time.monotonic() < deadline, "no shard committed within 180 s"
-        time.sleep(0.05)
+        time.sleep(POLL_S)
     return proc
 
 
@@ -142,7 +143,7 @@ def test_parse_bytes_units():
 
 
 # ----------------------------------------------------------------------------------- signals
-N_BUSY = 16
+N_BUSY = 10
 
 
 def _rerun_finishes(manifest: Path, url: str, left: int, committed: int) -> None:
@@ -186,7 +187,7 @@ def test_sigint_in_process_stops_at_the_next_step(ray_session, tmp_path):
     def interrupt_after_a_commit() -> None:
         deadline = time.monotonic() + 180
         while _committed_shards(url) < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(POLL_S)
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt_after_a_commit, daemon=True).start()
@@ -230,7 +231,7 @@ def test_two_concurrent_runs_on_one_store_commit_every_shard_exactly_once(tmp_pa
 
     The first worker (of either run) to write a shard is killed mid-shard (Ray's driver then prints
     the raylet's complaint): with --json that goes to stderr and stdout stays one JSON document."""
-    manifest = _busy_manifest(tmp_path / "media", n=12)
+    manifest = _busy_manifest(tmp_path / "media", n=8)
     url = str(tmp_path / "shared.zarr")
     crash = {CRASH_ONCE_ENV: str(tmp_path / "crashed")}
     procs = [subprocess.Popen(_cmd(manifest, url, "--json"), env={**_env(), **extra}, stdout=subprocess.PIPE,
@@ -244,8 +245,8 @@ def test_two_concurrent_runs_on_one_store_commit_every_shard_exactly_once(tmp_pa
     store = FeatureStore.open(url)
     shards = store.group(store.encoder_keys()[0]).num_shards("video")
     assert a["shards"] + b["shards"] == shards  # no shard written twice
-    assert a["extracted"] + b["extracted"] == 12 and not a["failed"] and not b["failed"]
+    assert a["extracted"] + b["extracted"] == 8 and not a["failed"] and not b["failed"]
     for run in (a, b):
-        assert run["extracted"] + run["by_other_runs"] + run["skipped"] == 12
+        assert run["extracted"] + run["by_other_runs"] + run["skipped"] == 8
     assert all(len(store.group(k).commits("video")) == shards for k in store.encoder_keys())
-    assert len(store.samples) == 12 and verify_store(store).ok
+    assert len(store.samples) == 8 and verify_store(store).ok
