@@ -195,7 +195,7 @@ def configuration(config: Any, data: Path, store: Path, args: argparse.Namespace
         "seq_len": seq,
         "flops_per_sample": {**flops, "total": total, "encoder_share": round(flops["encoders_forward"] / total, 4)},
         "video": {"frames": args.frames, "height": args.height, "width": args.width, "codec": "h264 crf23 g12"},
-        "global_batch": args.batch, "micro_batch": args.micro_batch, "cached_num_workers": cached_workers(base, args),
+        "global_batch": args.batch, "micro_batch": args.micro_batch, "cached_num_workers": cached_workers(config, args),
         "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats_best_of": args.repeats,
     }
 
