@@ -225,19 +225,23 @@ def task(tmp_path_factory) -> tuple[str, str]:
 RUN = {"schedule.max_steps": 4, "loader.global_batch_size": 4, "loader.micro_batch_size": 2, "checkpoint.every": 2}
 
 
-@pytest.mark.parametrize("recipe", ["tiny-qwen2.5", "tiny-llama3"])
-def test_tiny_recipe_trains_resumes_exactly_and_exports(task, tmp_path, recipe: str) -> None:
+@pytest.mark.parametrize(("recipe", "lora"), [("tiny-qwen2.5", 0), ("tiny-llama3", 0), ("tiny-qwen2.5", 8)],
+                         ids=["qwen2.5", "llama3", "qwen2.5-lora"])
+def test_tiny_recipe_trains_resumes_exactly_and_exports(task, tmp_path, recipe: str, lora: int) -> None:
+    """Also with LoRA adapters on the LLM (`--set model.llm.lora.r=8`): the merged export loads
+    with from_pretrained like a full fine-tune's."""
     from merv.hf import MervForConditionalGeneration
 
     full = tmp_path / "full"
-    summary = train(tasks.run_config(task, full, RUN, recipe=recipe))
+    run = {**RUN, "model.llm.lora.r": lora}
+    summary = train(tasks.run_config(task, full, run, recipe=recipe))
     assert summary["steps"] == 4
     cut = tmp_path / "cut"  # the run as a kill after step 2 leaves it
     shutil.copytree(full, cut)
     shutil.rmtree(cut / "checkpoints" / "step-00000004")
     shutil.rmtree(cut / "export")
     (cut / "checkpoints" / "latest").write_text("step-00000002")
-    train(tasks.run_config(task, cut, {**RUN, "checkpoint.resume": True, "checkpoint.export": False}, recipe=recipe))
+    train(tasks.run_config(task, cut, {**run, "checkpoint.resume": True, "checkpoint.export": False}, recipe=recipe))
     want, got = ({r["step"]: r for r in read_metrics(run / "metrics.jsonl")} for run in (full, cut))
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in (3, 4):
