@@ -205,8 +205,9 @@ class ConvPool2dProjector(Projector):
 
     def __init__(self, spec: FeatureSpec, d_llm: int, tokens_per_frame: int, head: str = "linear", depth: int = 3) -> None:
         super().__init__(spec, d_llm)
-        from timm.layers import LayerNorm2d  # lazy: timm is heavy and only this projector needs it
-        from timm.models.regnet import RegStage
+        from merv.timm_lite import timm  # lazy: timm is heavy and only this projector needs it
+
+        LayerNorm2d, RegStage = timm.layers.LayerNorm2d, timm.models.regnet.RegStage
 
         s = side_of(tokens_per_frame)
         _check_pool_fits(spec, s, "projector 'conv2d'")

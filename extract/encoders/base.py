@@ -66,8 +66,9 @@ class EncoderInfo:
 
 def library_versions() -> dict[str, str]:
     """Versions worth recording next to cached features (not part of the fingerprint)."""
-    import timm
     import transformers
+
+    from merv.timm_lite import timm
 
     return {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__}
 

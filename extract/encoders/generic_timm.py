@@ -22,12 +22,11 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-from timm.models import get_pretrained_cfg
 from torch import nn
 
 from merv.store.encoder_names import EncoderNameError, GenericSpec, slug
+from merv.timm_lite import timm
 
 from ..preprocess import Preprocessing
 from .base import EncoderInfo, FrozenEncoder, seeded
@@ -118,7 +117,7 @@ def build_timm_generic(
 ) -> TimmGenericEncoder:
     """Build `timm:<arch>.<tag>`; see `registry.build_encoder` for the arguments."""
     arch, tag = _split_target(spec)
-    cfg = get_pretrained_cfg(f"{arch}.{tag}")
+    cfg = timm.models.get_pretrained_cfg(f"{arch}.{tag}")
     image_size = int(cfg.input_size[-1])
     with torch.device("meta"):
         probe = timm.create_model(arch, pretrained=False, num_classes=0)

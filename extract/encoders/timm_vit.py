@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-from timm.models import get_pretrained_cfg
 from torch import nn
 
-from .base import EncoderInfo, FrozenEncoder, seeded, size_variant
+from merv.timm_lite import timm
+
 from ..preprocess import Preprocessing
+from .base import EncoderInfo, FrozenEncoder, seeded, size_variant
 from .weights import assign_state_dict, load_state_dict, weights_identity, weights_to_load
 
 ARCH_KEYS = ("embed_dim", "depth", "num_heads", "img_size")  # the rest of a variant is recorded as `extra`
@@ -104,7 +104,7 @@ class TimmViTEncoder(FrozenEncoder):
 
 
 def _preprocessing(spec: TimmSpec, image_size: int) -> Preprocessing:
-    cfg = get_pretrained_cfg(f"{spec.arch}.{spec.tag}")
+    cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{spec.tag}")
     return Preprocessing(
         resize="exact",
         size=(image_size, image_size),
