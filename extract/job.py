@@ -392,8 +392,8 @@ class _Run:
         workers, gpus, cpus, threads = _layout(ray, opts)
         self.config = WorkerConfig(
             needed, {n: k for n, k in plan.groups.items() if n in needed}, opts.size, opts.weights,
-            tuple(store.meta.grid) if store.meta.grid else None, opts.batch_size, opts.device,  # type: ignore[arg-type]
-            opts.allow_download, torch_threads=threads, storage_options=dict(opts.storage_options),
+            opts.batch_size, opts.device, opts.allow_download, torch_threads=threads,
+            storage_options=dict(opts.storage_options),
         )
         env = forwarded_env(opts.env)
         if not gpus:

@@ -93,7 +93,6 @@ class WorkerConfig:
     groups: dict[str, str]  # encoder name -> group key, checked against the built encoder
     size: str = "paper"
     weights: str | None = None
-    pooled: tuple[int, int] | None = None
     batch_size: int = 8
     device: str = "auto"
     allow_download: bool = False
@@ -168,12 +167,14 @@ class ShardEncoder:
                     f"{key} was planned for {want[:16]}: the worker sees other weights than the driver "
                     "(check --weights / the HF cache on every node)"
                 )
+        # each group's stored grid: the requested one, or the encoder's own where that is smaller
+        self.stored_hw = {name: tuple(self.store.group(key).spec.grid[-2:]) for name, key in config.groups.items()}
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._open: dict[tuple[str, int], _ShardBuffer] = {}
 
     # ------------------------------------------------------------------ encoding
     def encode_clips(self, name: str, clips: list[np.ndarray | dict[str, EncoderInput]], is_image: bool) -> list[np.ndarray]:
-        """float32 (t, h, w, d) features per clip, pooled to the store grid if asked.
+        """float32 (t, h, w, d) features per clip, pooled to its group's stored grid.
 
         A clip is the decoded frames or the decode task's per-encoder inputs (`pixels`). Clips are
         batched `batch_size` at a time across videos; each clip is preprocessed on its own (videos
@@ -193,8 +194,8 @@ class ShardEncoder:
                 pixels = [self._pixels(name, c, is_image) for c in chunk]
                 with autocast:
                     feats = enc(torch.cat(pixels)).float()
-                if self.config.pooled:
-                    feats = pool_grid_torch(feats, self.config.pooled)
+                if name in self.stored_hw:
+                    feats = pool_grid_torch(feats, self.stored_hw[name])  # a no-op at the native grid
                 out.extend(feats.cpu().numpy())
         return out
 

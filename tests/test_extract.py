@@ -191,7 +191,7 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted(reference, media, tmp_pa
     url = str(tmp_path / "killed.zarr")
     cmd = [str(BIN / "merv"), "extract", str(manifest), "--store", url, "--size", "tiny", "--grid", GRID,
            "--encoders", ",".join(ENCODERS), "--samples-per-shard", str(PER_SHARD), "--batch-size", "3",
-           "--workers", "2", "--quiet"]
+           "--workers", "1", "--quiet"]
     proc = subprocess.Popen(cmd, env=_clean_env(), start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
@@ -205,7 +205,7 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted(reference, media, tmp_pa
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not _all_committed(url), "the job finished before the kill; nothing was interrupted"
-    summary = run_extraction(str(manifest), url, _opts(workers=2), show_progress=False)
+    summary = run_extraction(str(manifest), url, _opts(workers=1), show_progress=False)
     assert summary.ok and summary.skipped > 0 and summary.extracted > 0
     _assert_same_store(url, reference[0])
     result = CliRunner().invoke(app, ["store", "verify", url])
