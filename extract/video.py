@@ -6,8 +6,10 @@ cached features see the same frames the paper's models saw:
 * decord (the reference's reader; an optional extra, `merv[decord]`: it has no wheels for Linux
   aarch64 or macOS arm64) is used when installed, PyAV (part of the base install) otherwise and
   whenever decord cannot open, measure or seek a file (e.g. animated GIFs, some truncated or odd
-  containers). Both return identical frames (tests, `merv.benchmarks.decode_bench`).
-  `Clip.backend` says which one produced the frames, `Clip.fallback_reason` why decord was not used.
+  containers). torchcodec (extra `merv[torchcodec]`; it links the system's FFmpeg shared
+  libraries) is used only when asked for. All return identical frames (tests,
+  `merv.benchmarks.decode_bench`). `Clip.backend` says which one produced the frames,
+  `Clip.fallback_reason` why decord was not used.
 * Frame indices (see `window_bounds` and `sample_indices`)::
 
       first = start * fps                       (0 when no start)
@@ -31,6 +33,7 @@ per sample and move on.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -41,15 +44,15 @@ import numpy as np
 
 from merv import MervError
 
-Backend = Literal["auto", "decord", "pyav"]
-BACKENDS: tuple[str, ...] = ("auto", "decord", "pyav")
-_MODULES = {"decord": "decord", "pyav": "av"}  # backend -> the module it needs
+Backend = Literal["auto", "decord", "pyav", "torchcodec"]
+BACKENDS: tuple[str, ...] = ("auto", "decord", "pyav", "torchcodec")
+_MODULES = {"decord": "decord", "pyav": "av", "torchcodec": "torchcodec"}  # backend -> the module it needs
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 
 # --------------------------------------------------------------------------------------- errors
 class DecoderUnavailableError(MervError, ValueError):
-    """A decoder that is unknown, or not installed on this machine."""
+    """A decoder that is unknown, or not installed (or, for torchcodec, without FFmpeg's libraries) here."""
 
 
 def installed(backend: str) -> bool:
@@ -58,10 +61,41 @@ def installed(backend: str) -> bool:
     return importlib.util.find_spec(_MODULES[backend]) is not None
 
 
+@functools.cache
+def torchcodec_problem() -> str | None:
+    """Why torchcodec cannot decode video here, or None when it can.
+
+    torchcodec links the system's FFmpeg shared libraries at run time: a wheel can be installed and
+    still unable to decode. torchcodec >= 0.12 then imports fine and reports `ffmpeg_major_version`
+    None (its VideoDecoder raises later); older releases raise a RuntimeError at import listing the
+    libtorchcodec_coreN it tried. Both are caught here, once per process (the import costs seconds).
+    """
+    if not installed("torchcodec"):
+        return "torchcodec is not installed"
+    try:
+        import torchcodec
+    except Exception as exc:  # noqa: BLE001 - RuntimeError "Could not load libtorchcodec ..." and the like
+        return f"torchcodec cannot load: {_short(exc, 160)}"
+    if getattr(torchcodec, "ffmpeg_major_version", None) is None:
+        return "torchcodec finds no FFmpeg shared libraries (libavcodec ...)"
+    return None
+
+
+def available(backend: str) -> bool:
+    """The backend's package is installed and, for torchcodec, can load FFmpeg's libraries."""
+    if backend == "torchcodec":
+        return torchcodec_problem() is None
+    return installed(backend)
+
+
 def check_backend(backend: str) -> None:
-    """Refuse an unknown decoder, or one whose package is missing, before any file is read."""
+    """Refuse an unknown decoder, or one that cannot run here, before any file is read."""
     if backend not in BACKENDS:
         raise DecoderUnavailableError(f"decoder {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if backend == "torchcodec" and (problem := torchcodec_problem()):
+        raise DecoderUnavailableError(f"decoder 'torchcodec' cannot run here ({problem}): pip install "
+                                      "'merv[torchcodec]' and FFmpeg 4-9 shared libraries (e.g. apt-get install "
+                                      "ffmpeg), or use --decoder pyav (part of the base install; identical frames)")
     if backend != "auto" and not installed(backend):
         raise DecoderUnavailableError(f"decoder {backend!r} is not installed here: pip install 'merv[{backend}]', "
                                       "or use --decoder pyav (part of the base install; identical frames)")
@@ -114,7 +148,7 @@ class Clip:
     """Decoded frames of one sample.
 
     frames: uint8 (T, H, W, 3) RGB. For an image T == 1 (see `is_image`).
-    backend: "decord", "pyav" or "pil".
+    backend: "decord", "pyav", "torchcodec" or "pil".
     fps: average frame rate of the file, None for images.
     total_frames: frames in the whole file (as the backend counts them).
     indices: the file's frame index of each returned frame (repeats when the clip is short).
@@ -210,7 +244,8 @@ def load_clip(
     reference); both are ignored for images. min_frames: raise `TooFewFramesError` when the window
     holds fewer distinct frames; by default a short clip is repeat-padded.
     backend: "auto" (decord when installed, with PyAV on failure; PyAV when decord is not
-    installed), "decord" or "pyav"; every backend returns the same frames (tests, decode_bench).
+    installed), "decord", "pyav" or "torchcodec"; every backend returns the same frames (tests,
+    decode_bench).
     With "decord" alone the error classes are coarser (decord reports little about *why* a file fails).
     """
     if num_frames < 1:
@@ -223,6 +258,8 @@ def load_clip(
         raise NotAVideoError(p, "is a text file, not a video; pass a video file (mp4, mkv, webm, avi, ...) or an image")
     check_backend(backend)
     args = dict(num_frames=num_frames, start=start, end=end, end_frame=end_frame, min_frames=min_frames)
+    if backend == "torchcodec":
+        return _load_torchcodec(p, **args)
     if backend == "pyav" or (backend == "auto" and not installed("decord")):
         return _load_pyav(p, **args)
     try:
@@ -381,6 +418,42 @@ def _load_pyav(
         )
     frames = np.stack([got[int(i)] for i in idx])
     return Clip(frames, "pyav", False, fps, total, idx)
+
+
+def _load_torchcodec(
+    p: Path, num_frames: int, start: float | None, end: float | None, end_frame: int | None, min_frames: int | None
+) -> Clip:
+    """torchcodec in exact seek mode: opening scans every packet, so it knows how many frames the file
+    really holds. Frame count and rate come from the header when it has them (what PyAV reads), so
+    the indices match PyAV's; frames the header declares but the data lacks are a truncated file."""
+    from torchcodec.decoders import VideoDecoder
+
+    try:
+        decoder = VideoDecoder(str(p), seek_mode="exact", dimension_order="NHWC", num_ffmpeg_threads=0)
+        meta = decoder.metadata
+    except Exception as exc:  # RuntimeError "Could not open input file", ValueError "best video stream is unknown"
+        if "video stream" in str(exc):  # its message goes on to ask for a bug report: not useful here
+            raise NoVideoStreamError(p, "the file has no video stream") from exc
+        raise _classify_unreadable(p, f"torchcodec cannot open: {_short(exc)}") from exc
+    present = int(meta.num_frames_from_content or 0)
+    total = int(meta.num_frames_from_header or 0) or present  # mkv / webm store no frame count
+    rate = meta.average_fps_from_header or meta.average_fps  # PyAV: average_rate, else guessed
+    fps = float(rate) if rate else None
+    if total <= 0:
+        raise NoDecodableFramesError(p, "the video stream holds no frames")
+    idx = _plan(p, total, fps, num_frames, start, end, end_frame, min_frames)
+    if present == 0:
+        raise NoDecodableFramesError(p, f"no frame decodes (container declares {total})")
+    stop = int(idx.max())
+    if stop >= present:
+        raise TruncatedVideoError(p, f"the data holds {present} of {total} declared frames, needed frame {stop}")
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    try:
+        batch = decoder.get_frames_at(uniq.tolist())
+    except Exception as exc:  # "Could not push packet to decoder": damaged data inside the file
+        raise TruncatedVideoError(p, f"decoding failed before frame {stop}: {_short(exc)}") from exc
+    frames = batch.data.numpy()
+    return Clip(np.ascontiguousarray(frames[inverse]), "torchcodec", False, fps, total, idx)
 
 
 def _count_packets(p: Path) -> int:

@@ -91,7 +91,7 @@ CASES = [
     ("extract: non-UTF-8 manifest", ["extract", "{root}/latin1.json", "--store", "{root}/x.zarr", "--size", "tiny"],
      ["latin1.json", "UTF-8"]),
     ("extract: unknown decoder", ["extract", "{root}/empty.json", "--store", "{root}/x.zarr", "--decoder", "ffmpeg"],
-     ["'ffmpeg'", "auto, decord, pyav"]),
+     ["'ffmpeg'", "auto, decord, pyav, torchcodec"]),
     ("extract: empty manifest", ["extract", "{root}/empty.json", "--store", "{root}/x.zarr", "--size", "tiny"],
      ["empty.json", "no samples"]),
     ("extract: URL manifest", ["extract", "s3://bucket/m.jsonl", "--store", "{root}/x.zarr", "--size", "tiny"],

