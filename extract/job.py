@@ -201,6 +201,24 @@ class _RateColumn(ProgressColumn):
 
 
 # ----------------------------------------------------------------------------------------- ray
+def worker_env(opts: ExtractOptions, on_gpus: bool) -> dict[str, str]:
+    """The environment the actors and decode tasks need: the driver's forwarded variables and
+    `opts.env`; on CPUs also OMP_WAIT_POLICY=PASSIVE, because encoder threads share the cores with
+    decode tasks and idle OpenMP threads must sleep, not spin at barriers (spinning threads steal
+    the decoders' CPU; see the benchmark)."""
+    env = forwarded_env(opts.env)
+    if not on_gpus:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+def _local_gpus() -> int:
+    """GPUs a Ray session started on this machine would find (before starting it)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _layout(ray: Any, opts: ExtractOptions) -> tuple[int, float, float, int]:
     """(workers, GPUs per worker, logical CPUs per worker, torch threads per worker).
 
@@ -331,9 +349,11 @@ def run_extraction(source: str | None, store_url: str, opts: ExtractOptions, con
                              failed_before=plan.skipped_failed, groups=plan.groups,
                              notes=upsampling_notes([store.group(k).spec for k in keys], parse_grid(opts.grid)))
     if plan.jobs:
-        ray, started = init_ray(cluster_address(opts))
+        address = cluster_address(opts)
+        env = None if address else worker_env(opts, on_gpus=opts.device != "cpu" and _local_gpus() > 0)
+        ray, started = init_ray(address, env)
         try:
-            _Run(ray, store, plan, decode_plan, opts, summary).execute(console, show_progress)
+            _Run(ray, store, plan, decode_plan, opts, summary, env_inherited=started).execute(console, show_progress)
         finally:
             if started:
                 ray.shutdown()
@@ -383,7 +403,7 @@ class _Run:
     slot: a decode not yet running holds no memory, so this only bounds a mis-estimate)."""
 
     def __init__(self, ray: Any, store: FeatureStore, plan: Plan, decode_plan: DecodePlan, opts: ExtractOptions,
-                 summary: ExtractSummary) -> None:
+                 summary: ExtractSummary, env_inherited: bool = False) -> None:
         self.ray, self.store, self.plan, self.opts, self.summary = ray, store, plan, opts, summary
         self.table = store.samples
         needed = sorted({store.group(k).name for job in plan.jobs for k in job.group_keys})
@@ -395,11 +415,8 @@ class _Run:
             opts.batch_size, opts.device, opts.allow_download, torch_threads=threads,
             storage_options=dict(opts.storage_options),
         )
-        env = forwarded_env(opts.env)
-        if not gpus:
-            # Encoder threads share the cores with decode tasks: idle OpenMP threads must sleep,
-            # not spin at barriers (spinning threads steal the decoders' CPU; see the benchmark).
-            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # a session this run started already gave its workers the environment (see init_ray)
+        env = {} if env_inherited else worker_env(opts, on_gpus=bool(gpus))
         # Calls made while an actor restarts are replayed on the new process; a shard whose
         # buffered features died with the old one is then caught at commit and redone (see _redo).
         options: dict[str, Any] = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=3, max_task_retries=3,
@@ -759,7 +776,8 @@ class _ExtractActor:
     def ready(self) -> dict[str, Any]:
         import torch
 
-        return {"worker": self.encoder.worker, "device": str(self.encoder.device), "threads": torch.get_num_threads()}
+        return {"worker": self.encoder.worker, "device": str(self.encoder.device), "threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
     def encode_batch(self, kind: str, shard: int, group_keys: list[str], decoded: list[Decoded],
                      *frames: Any) -> int:

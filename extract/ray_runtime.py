@@ -51,9 +51,14 @@ def _use_local_token() -> None:
         pass
 
 
-def init_ray(address: str | None) -> tuple[Any, bool]:
+def init_ray(address: str | None, env: dict[str, str] | None = None) -> tuple[Any, bool]:
     """(ray, started_here). Join the cluster at `address` (the option or RAY_ADDRESS, which
-    `ray job submit` sets), else start a fresh local session; reuse a session this process has."""
+    `ray job submit` sets), else start a fresh local session; reuse a session this process has.
+
+    `env`: variables the workers need. A session started here is given them at start, so every
+    worker inherits them and Ray's prestarted workers can run actors and tasks at once; elsewhere
+    the caller passes them to each actor and task as a runtime_env (each then needs a worker of
+    its own, about 2 s apiece to start)."""
     import ray
 
     if ray.is_initialized():
@@ -72,9 +77,25 @@ def init_ray(address: str | None) -> tuple[Any, bool]:
         # Ray announces its default token auth for every new local session: noise for a private one.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # A private session on this machine: keep every Ray socket on loopback.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                 _node_ip_address="127.0.0.1")
+        with exported(env or {}):  # the node's processes, and so every worker, start with them
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                     _node_ip_address="127.0.0.1")
     return ray, True
+
+
+@contextmanager
+def exported(env: dict[str, str]) -> Iterator[None]:
+    """`env` in this process's environment for the duration, then the previous values back."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def forwarded_env(extra: dict[str, str]) -> dict[str, str]:

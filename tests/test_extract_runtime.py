@@ -261,3 +261,6 @@ def test_two_concurrent_runs_on_one_store_commit_every_shard_exactly_once(ray_se
     assert here.extracted + here.by_other_runs + here.skipped == n
     assert all(len(store.group(k).commits("video")) == shards for k in store.encoder_keys())
     assert len(store.samples) == n and verify_store(store).ok
+    # the actors' environment: inherited from the Ray session the CLI started, passed in a runtime_env
+    # on a session this process did not start
+    assert [w["omp_wait_policy"] for w in cli["workers"] + here.workers] == ["PASSIVE", "PASSIVE"]
