@@ -25,16 +25,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from testkit import media as H
+from testkit.features import direct_features
 from typer.testing import CliRunner
 
 from merv.cli import app
 from merv.extract.encoders import build_encoder
 from merv.extract.job import ExtractOptions, run_extraction
 from merv.extract.plan import PAPER_DECODE_FRAMES, plan_shards
-from merv.extract.video import load_clip, subsample
 from merv.extract.worker import CRASH_ONCE_ENV
 from merv.store import KINDS, FeatureStore, verify_store
-from merv.store.grid import pool_grid_torch
 from merv.store.inspect import store_info
 
 ENCODERS = ["dinov2", "siglip", "vivit", "languagebind"]
@@ -93,18 +92,15 @@ def reference(ray_session, media, tmp_path_factory) -> tuple[str, object]:
 
 # ------------------------------------------------------------------------------------- helpers
 def _direct_features(store: FeatureStore, encoders: dict) -> dict[tuple[str, str], np.ndarray]:
-    """(sample id, encoder) -> what the encoder returns when called directly: decode at the
-    store's frame count, subsample, encode, pool to the store grid, float16."""
+    """(sample id, encoder) -> what the encoder returns when called directly (`direct_features`)."""
     table = store.samples
     grid = tuple(store.meta.grid)
     out = {}
     for i in range(len(table)):
         rec = table.record(i)
-        clip = load_clip(rec.source, PAPER_DECODE_FRAMES, start=rec.start, end=rec.end, end_frame=rec.end_frame)
         for name, enc in encoders.items():
-            n = 1 if (clip.is_image and enc.info.framewise) else enc.info.frames
-            feats = enc.encode(subsample(clip.frames, n)[None])[0]
-            out[(rec.id, name)] = pool_grid_torch(feats, grid).numpy().astype(np.float16)
+            out[(rec.id, name)] = direct_features(rec.source, enc, grid, start=rec.start, end=rec.end,
+                                                  end_frame=rec.end_frame)
     return out
 
 
