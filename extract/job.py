@@ -96,7 +96,7 @@ class ExtractOptions:
     max_inflight_bytes: int | str | None = None  # decoded frames alive at once ("4GiB" ok); default INFLIGHT_FRACTION of the object store
     stop_grace_s: float = 60.0  # after SIGINT / SIGTERM: how long shards with every sample decoded may finish
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec's, for URL sources, videos and the store
-    decoder: str = "auto"  # auto (decord when installed, else PyAV) | pyav | decord | torchcodec: identical frames, see decode_bench
+    decoder: str = "auto"  # auto (= PyAV, fastest in decode_bench) | pyav | decord | torchcodec: identical frames
     resize_at: str = "decode"  # decode: decode tasks ship each encoder's resized pixels | encoder: full frames (see pixels.py)
     codec: str | None = None  # codec chain of new groups' values (none | zstd-3 | blosc-lz4-5-bitshuffle ...); None: the encoding's measured default (store/codecs.py)
 

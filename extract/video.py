@@ -3,13 +3,12 @@
 Decoding follows the MERV reference (`merv/preprocessing/datasets/datasets.py::load_video`) so the
 cached features see the same frames the paper's models saw:
 
-* decord (the reference's reader; an optional extra, `merv[decord]`: it has no wheels for Linux
-  aarch64 or macOS arm64) is used when installed, PyAV (part of the base install) otherwise and
-  whenever decord cannot open, measure or seek a file (e.g. animated GIFs, some truncated or odd
-  containers). torchcodec (extra `merv[torchcodec]`; it links the system's FFmpeg shared
-  libraries) is used only when asked for. All return identical frames (tests,
-  `merv.benchmarks.decode_bench`). `Clip.backend` says which one produced the frames,
-  `Clip.fallback_reason` why decord was not used.
+* PyAV (part of the base install; its wheels bundle FFmpeg everywhere) is the default ("auto"):
+  it measured fastest on every sample video (`merv.benchmarks.decode_bench`). decord (the
+  reference's reader; extra `merv[decord]`, no wheels for Linux aarch64 or macOS arm64) and
+  torchcodec (extra `merv[torchcodec]`; it links the system's FFmpeg shared libraries) are used
+  when asked for. All return identical frames (tests, decode_bench). `Clip.backend` says which
+  one produced the frames.
 * Frame indices (see `window_bounds` and `sample_indices`)::
 
       first = start * fps                       (0 when no start)
@@ -160,7 +159,6 @@ class Clip:
     fps: float | None
     total_frames: int
     indices: np.ndarray
-    fallback_reason: str | None = None
 
     @property
     def kind(self) -> str:
@@ -243,10 +241,9 @@ def load_clip(
     start / end: window in seconds; end_frame: last frame index (overrides start / end, as in the
     reference); both are ignored for images. min_frames: raise `TooFewFramesError` when the window
     holds fewer distinct frames; by default a short clip is repeat-padded.
-    backend: "auto" (decord when installed, with PyAV on failure; PyAV when decord is not
-    installed), "decord", "pyav" or "torchcodec"; every backend returns the same frames (tests,
-    decode_bench).
-    With "decord" alone the error classes are coarser (decord reports little about *why* a file fails).
+    backend: "auto" (PyAV, the fastest here), "pyav", "decord" or "torchcodec"; every backend returns
+    the same frames (tests, decode_bench). With "decord" the error classes are coarser (decord
+    reports little about *why* a file fails).
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -260,21 +257,17 @@ def load_clip(
     args = dict(num_frames=num_frames, start=start, end=end, end_frame=end_frame, min_frames=min_frames)
     if backend == "torchcodec":
         return _load_torchcodec(p, **args)
-    if backend == "pyav" or (backend == "auto" and not installed("decord")):
+    if backend in ("auto", "pyav"):
         return _load_pyav(p, **args)
     try:
         return _load_decord(p, **args)
     except _DecordFailed as failed:
-        if backend == "decord":
-            raise _classify_unreadable(p, failed.reason) from failed.__cause__
-        clip = _load_pyav(p, **args)
-        clip.fallback_reason = failed.reason
-        return clip
+        raise _classify_unreadable(p, failed.reason) from failed.__cause__
 
 
 # ------------------------------------------------------------------------------------ internals
 class _DecordFailed(Exception):
-    """decord could not open / measure / seek the file: try PyAV."""
+    """decord could not open / measure / seek the file (classified into a DecodeError by the caller)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
