@@ -24,6 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 from testkit import tasks
+from testkit.threads import one_thread  # noqa: F401  (module fixture: torch on one thread)
 from typer.testing import CliRunner, Result
 
 from merv.cli import app
@@ -375,7 +376,7 @@ def _rank_pid(parent: int, rank: int) -> int:
 
 def _stop_with_sigterm(args: list[str], run: Path, pick=lambda proc: proc.pid) -> tuple[int, str]:
     """Start a CLI run, SIGTERM the process `pick` chooses after 2 steps; (stopped step, stderr)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # as this process (one_thread)
     proc = subprocess.Popen([*MERV, *args, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     try:

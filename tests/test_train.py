@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from testkit import tasks
+from testkit.threads import one_thread  # noqa: F401  (module fixture: torch on one thread)
 from typer.testing import CliRunner
 
 from merv.cli import app
@@ -67,7 +68,7 @@ def test_killed_run_resumes_exactly(task, tmp_path):
               "--micro-batch-size", "2", "--checkpoint-every", "2", "--no-export"]
     _cli([*common, "--out", str(tmp_path / "full")])
     run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # as this process (one_thread)
     proc = subprocess.Popen([*MERV, "train", *common, "--out", str(run), "--quiet"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = run / "checkpoints" / "latest"
