@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from testkit import llm as H
 from testkit import media as M
+from testkit.extraction import extract_in_process
 from testkit.threads import one_thread  # noqa: F401  (module fixture: torch on one thread)
 
 pytestmark = pytest.mark.integration  # lmms-eval in subprocesses
@@ -95,6 +96,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     """A tiny export over two tiny real encoders, a task directory with three generated videos, and
     a store extracted from those videos (native grids, as the export expects)."""
     from merv.extract.encoders import build_encoder
+    from merv.extract.job import ExtractOptions
     from merv.train.connector import ConnectorConfig
     from merv.train.export import save_merv
     from merv.train.specs import FeatureSpec
@@ -120,30 +122,8 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"id": r["id"], "path": str(tasks / r["video"])}) + "\n" for r in rows))
     store = root / "features.zarr"
-    _extract_in_process(manifest, store)
+    assert extract_in_process(manifest, store, ExtractOptions(encoders=list(ENCODERS), size="tiny", grid="native")) == 3
     return {"export": export, "tasks": tasks, "store": store, "root": root}
-
-
-def _extract_in_process(manifest: Path, store_url: Path) -> None:
-    """`merv extract`'s planning and shard encoder without Ray (the Ray path has its own tests)."""
-    from merv.extract.job import ExtractOptions, prepare_store
-    from merv.extract.worker import ShardEncoder, WorkerConfig, decode_split
-
-    opts = ExtractOptions(encoders=list(ENCODERS), size="tiny", grid="native")
-    store, keys, plan = prepare_store(str(manifest), str(store_url), opts)
-    worker = ShardEncoder(WorkerConfig(list(ENCODERS), {store.group(k).name: k for k in keys}, size="tiny"), store.url)
-    table = store.samples
-    for shard in range(store.group(keys[0]).num_shards("video")):
-        rows = store.group(keys[0]).shard_range("video", shard)
-        idx = table.indices_of_rows("video", rows)
-        decoded = []
-        for i, row in zip(idx, rows):
-            rec = table.record(int(i))
-            d, payload = decode_split(rec.source, (rec.start, rec.end, rec.end_frame), row, plan)
-            d.frames = payload
-            decoded.append(d)
-        result = worker.process("video", shard, keys, [table.ids[int(i)] for i in idx], decoded)
-        assert not result.failed
 
 
 def _lmms_eval_argv(setup: dict[str, Path], out: Path, model_args: str, tasks: str, model: str = "merv") -> list[str]:
