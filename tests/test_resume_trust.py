@@ -1,8 +1,9 @@
 """Trustworthy checkpoints and resume: no pickle, integrity, no silent restart, no silent config mix,
 one metrics row per step, graceful SIGTERM with one or two ranks.
 
-Real code paths: real DCP saves / loads through `train()`, and `python -m merv.cli train` in
-subprocesses where the exit status, the one-line message or a signal matter.
+Real code paths: real DCP saves / loads through `train()`; `merv train` through typer's runner where
+its exit status and one-line message matter, and `python -m merv.cli train` in a process of its own
+where a signal is sent to it.
 """
 
 from __future__ import annotations
