@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ from pathlib import Path
 import pytest
 from testkit import llm as H
 from testkit import media as M
+from testkit.extraction import extract_in_process
+from testkit.threads import one_thread  # noqa: F401  (module fixture: torch on one thread)
 
 pytestmark = pytest.mark.integration  # lmms-eval in subprocesses
 
@@ -95,6 +96,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     """A tiny export over two tiny real encoders, a task directory with three generated videos, and
     a store extracted from those videos (native grids, as the export expects)."""
     from merv.extract.encoders import build_encoder
+    from merv.extract.job import ExtractOptions
     from merv.train.connector import ConnectorConfig
     from merv.train.export import save_merv
     from merv.train.specs import FeatureSpec
@@ -120,48 +122,63 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"id": r["id"], "path": str(tasks / r["video"])}) + "\n" for r in rows))
     store = root / "features.zarr"
-    _extract_in_process(manifest, store)
+    assert extract_in_process(manifest, store, ExtractOptions(encoders=list(ENCODERS), size="tiny", grid="native")) == 3
     return {"export": export, "tasks": tasks, "store": store, "root": root}
 
 
-def _extract_in_process(manifest: Path, store_url: Path) -> None:
-    """`merv extract`'s planning and shard encoder without Ray (the Ray path has its own tests)."""
-    from merv.extract.job import ExtractOptions, prepare_store
-    from merv.extract.worker import ShardEncoder, WorkerConfig, decode_split
-
-    opts = ExtractOptions(encoders=list(ENCODERS), size="tiny", grid="native")
-    store, keys, plan = prepare_store(str(manifest), str(store_url), opts)
-    worker = ShardEncoder(WorkerConfig(list(ENCODERS), {store.group(k).name: k for k in keys}, size="tiny"), store.url)
-    table = store.samples
-    for shard in range(store.group(keys[0]).num_shards("video")):
-        rows = store.group(keys[0]).shard_range("video", shard)
-        idx = table.indices_of_rows("video", rows)
-        decoded = []
-        for i, row in zip(idx, rows):
-            rec = table.record(int(i))
-            d, payload = decode_split(rec.source, (rec.start, rec.end, rec.end_frame), row, plan)
-            d.frames = payload
-            decoded.append(d)
-        result = worker.process("video", shard, keys, [table.ids[int(i)] for i in idx], decoded)
-        assert not result.failed
+def _lmms_eval_argv(setup: dict[str, Path], out: Path, model_args: str, tasks: str, model: str = "merv") -> list[str]:
+    """An lmms-eval command line as a user types it (after `python -m lmms_eval`)."""
+    return ["--model", model, "--model_args", model_args, "--tasks", tasks, "--include_path", str(setup["tasks"]),
+            "--output_path", str(out), "--batch_size", "2", "--log_samples",
+            "--verbosity", "DEBUG"]  # DEBUG: lmms-eval re-raises a failure (exit 1) instead of logging it and exiting 0
 
 
-def _run_lmms_eval(setup: dict[str, Path], out: Path, model_args: str, tasks: str,
-                   model: str = "merv") -> tuple[dict, dict[str, dict], str]:
-    """`python -m lmms_eval` as a user runs it (offline); returns the results, the logged samples
-    by task and doc id, and the log."""
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(out / "hf"),
-           "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", tasks,
-           "--include_path", str(setup["tasks"]), "--output_path", str(out), "--batch_size", "2", "--log_samples",
-           "--verbosity", "DEBUG"]  # DEBUG: lmms-eval re-raises a failure (exit 1) instead of logging it and exiting 0
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = list(out.rglob("*_results.json"))
-    assert len(results) == 1, (results, proc.stderr[-2000:])
-    samples = {t: {row["doc_id"]: row for row in map(json.loads, p.read_text().splitlines())}
-               for t in tasks.split(",") for p in out.rglob(f"*_samples_{t}.jsonl")}
-    return json.loads(results[0].read_text()), samples, proc.stdout + proc.stderr
+@pytest.fixture(scope="module")
+def lmms_runs(setup, server) -> dict[str, dict]:
+    """The module's three lmms-eval command lines, each through lmms-eval's own entry point, in one
+    process (testkit/lmms_runs.py: lmms-eval's imports cost seconds per process), offline:
+      videos  --model merv on the export, visuals decoded from the videos
+      store   the same with store=, the videos moved away for that run
+      openai  lmms-eval's OpenAI-compatible model against `merv serve` (videos passed by path)
+    By name: {"status", "log", "results", "samples" (by task and doc id)}."""
+    from testkit import lmms_runs as driver
+
+    root = setup["root"] / "lmms_runs"
+    hidden = root / "hidden"
+    hidden.mkdir(parents=True)
+    both = "merv_tiny_gen,merv_tiny_mc"
+    openai = f"model_version=merv-tiny,base_url={server},api_key=sk-lmms,pass_video_url=true,max_retries=1"
+    runs = {
+        "videos": (_lmms_eval_argv(setup, root / "videos", f"pretrained={setup['export']}", both), []),
+        "store": (_lmms_eval_argv(setup, root / "store", f"pretrained={setup['export']},store={setup['store']}", both),
+                  [[str(setup["tasks"] / f"clip{i}.mp4"), str(hidden / f"clip{i}.mp4")] for i in range(len(QUESTIONS))]),
+        "openai": (_lmms_eval_argv(setup, root / "openai", openai, "merv_tiny_gen", model="openai"), []),
+    }
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"runs": [{"name": n, "argv": argv, "hide": hide} for n, (argv, hide) in runs.items()]}))
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(root / "hf"),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, driver.__file__, str(spec)], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900, check=False)
+    found = {}
+    for name, (argv, _hide) in runs.items():
+        section = proc.stdout.split(driver.START.format(name=name) + "\n", 1)[-1]
+        log, _, tail = section.partition(driver.END.format(name=name, status=""))
+        out = Path(argv[argv.index("--output_path") + 1])
+        tasks = argv[argv.index("--tasks") + 1]
+        results = list(out.rglob("*_results.json"))
+        samples = {t: {row["doc_id"]: row for row in map(json.loads, p.read_text().splitlines())}
+                   for t in tasks.split(",") for p in out.rglob(f"*_samples_{t}.jsonl")}
+        found[name] = {"status": tail.split("\n", 1)[0], "log": log, "samples": samples,
+                       "results": json.loads(results[0].read_text()) if len(results) == 1 else results}
+    return found
+
+
+def _ran(run: dict) -> tuple[dict, dict[str, dict], str]:
+    """A run that exited 0 and wrote one results file: (results, samples, log)."""
+    assert run["status"] == "0", run["log"][-4000:]
+    assert isinstance(run["results"], dict), (run["results"], run["log"][-2000:])
+    return run["results"], run["samples"], run["log"]
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +196,8 @@ def answers(setup, session) -> list[str]:
             for i, q in enumerate(QUESTIONS)]
 
 
-def test_lmms_eval_runs_merv_from_videos_then_from_the_store(setup, session, answers, tmp_path):
-    results, samples, log = _run_lmms_eval(setup, tmp_path / "videos", f"pretrained={setup['export']}",
-                                      "merv_tiny_gen,merv_tiny_mc")
+def test_lmms_eval_runs_merv_from_videos_then_from_the_store(setup, session, answers, lmms_runs):
+    results, samples, log = _ran(lmms_runs["videos"])
     assert set(results["results"]) == {"merv_tiny_gen", "merv_tiny_mc"}
     assert 0.0 <= results["results"]["merv_tiny_gen"]["exact_match,none"] <= 1.0
     assert 0.0 <= results["results"]["merv_tiny_mc"]["acc,none"] <= 1.0
@@ -200,17 +216,7 @@ def test_lmms_eval_runs_merv_from_videos_then_from_the_store(setup, session, ans
         assert [round(-s, 4) for s in scores] == [round(v, 4) for v in nll], i
 
     # from the store, with the videos moved away: the same answers, so nothing was decoded
-    hidden = setup["root"] / "hidden"
-    hidden.mkdir()
-    for i in range(len(QUESTIONS)):
-        shutil.move(setup["tasks"] / f"clip{i}.mp4", hidden / f"clip{i}.mp4")
-    try:
-        cached, cached_samples, cached_log = _run_lmms_eval(setup, tmp_path / "store",
-                                                f"pretrained={setup['export']},store={setup['store']}",
-                                                "merv_tiny_gen,merv_tiny_mc")
-    finally:
-        for i in range(len(QUESTIONS)):
-            shutil.move(hidden / f"clip{i}.mp4", setup["tasks"] / f"clip{i}.mp4")
+    cached, cached_samples, cached_log = _ran(lmms_runs["store"])
     assert "3 visuals read from the store" in cached_log and "0 decoded" in cached_log
     assert cached["results"]["merv_tiny_gen"] == results["results"]["merv_tiny_gen"]
     assert cached["results"]["merv_tiny_mc"] == results["results"]["merv_tiny_mc"]
@@ -233,7 +239,7 @@ def _text(sample: dict) -> str:
     return (got[0] if isinstance(got, list) else got).split("\n\n")[0].strip()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server(setup):
     """`merv serve` on the export, on a free port of 127.0.0.1."""
     from merv.serve.process import serve_process
@@ -242,11 +248,9 @@ def server(setup):
         yield running.api
 
 
-def test_lmms_eval_openai_model_against_merv_serve(setup, server, answers, tmp_path):
+def test_lmms_eval_openai_model_against_merv_serve(lmms_runs, answers):
     """lmms-eval's own OpenAI-compatible model, pointed at `merv serve` (videos passed by path),
     runs the task and gets `merv generate`'s answers."""
-    args = f"model_version=merv-tiny,base_url={server},api_key=sk-lmms,pass_video_url=true,max_retries=1"
-    env_out = tmp_path / "openai"
-    results, samples, _ = _run_lmms_eval(setup, env_out, args, "merv_tiny_gen", model="openai")
+    results, samples, _ = _ran(lmms_runs["openai"])
     assert 0.0 <= results["results"]["merv_tiny_gen"]["exact_match,none"] <= 1.0
     assert [_text(samples["merv_tiny_gen"][i]) for i in range(len(QUESTIONS))] == answers

@@ -8,10 +8,7 @@ resumed from step 2 must redo step 3 exactly. The two-process FSDP2 run is an in
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from testkit import tasks
 from testkit.llm import random_features
+from testkit.threads import one_thread  # noqa: F401  (module fixture: torch on one thread)
 from typer.testing import CliRunner
 
 from merv.cli import app
@@ -217,12 +215,13 @@ def test_two_gloo_processes_match_one_with_lora(lora_run, task, tmp_path):
     out, _ = lora_run
     data, store = task
     sets = [f"--set={k}={v}" for k, v in LORA.items()]
-    cmd = [sys.executable, "-m", "merv.cli", "train", "--data", data, "--store", store, "--max-steps", "3",
-           "--global-batch-size", "2", "--micro-batch-size", "1", "--nproc", "2", "--out", str(tmp_path / "two"),
-           "--set=model.llm.lora.export=merged", *sets, "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                          timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # typer's runner: the command's own launcher without the seconds of imports of another
+    # `python -m merv.cli`; it starts torchrun and the two gloo processes
+    result = CliRunner().invoke(app, [
+        "train", "--data", data, "--store", store, "--max-steps", "3", "--global-batch-size", "2",
+        "--micro-batch-size", "1", "--nproc", "2", "--out", str(tmp_path / "two"),
+        "--set=model.llm.lora.export=merged", *sets, "--quiet"])
+    assert result.exit_code == 0, (result.output, result.exception)
     one = [m["loss"] for m in read_metrics(out / "metrics.jsonl")]
     two = [m["loss"] for m in read_metrics(tmp_path / "two" / "metrics.jsonl")]
     assert len(one) == len(two) == 3 and max(abs(x - y) for x, y in zip(one, two)) < 1e-5

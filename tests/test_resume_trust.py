@@ -1,8 +1,9 @@
 """Trustworthy checkpoints and resume: no pickle, integrity, no silent restart, no silent config mix,
 one metrics row per step, graceful SIGTERM with one or two ranks.
 
-Real code paths: real DCP saves / loads through `train()`, and `python -m merv.cli train` in
-subprocesses where the exit status, the one-line message or a signal matter.
+Real code paths: real DCP saves / loads through `train()`; `merv train` through typer's runner where
+its exit status and one-line message matter, and `python -m merv.cli train` in a process of its own
+where a signal is sent to it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 from testkit import tasks
+from testkit.threads import one_thread  # noqa: F401  (module fixture: torch on one thread)
+from typer.testing import CliRunner, Result
 
+from merv.cli import app
 from merv.train.config import FLAT_KEYS, RunConfig
 from merv.train.configurable import dotted_keys
 from merv.train.metrics import drop_rows_after, read_metrics
@@ -114,10 +118,19 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def _cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([*MERV, *args, "--quiet"], capture_output=True, text=True, env=env, timeout=timeout,
-                          check=False)
+def _cli_in_process(args: list[str]) -> Result:
+    """`merv train` through typer's runner: the command's own parsing, run and one-line error
+    reporting, without the seconds of imports each `python -m merv.cli` costs. A process of its own
+    is started only where a signal is sent to the command (`_stop_with_sigterm`); `--nproc 2`
+    still starts torchrun and its two processes."""
+    return CliRunner().invoke(app, ["train", *args, "--quiet"])
+
+
+def _cli_refusal(args: list[str]) -> str:
+    """`merv train` that must refuse: exit status 2 and the one error line."""
+    result = _cli_in_process(args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    return _one_error_line(result.stderr)
 
 
 def _cli_args(task: tuple[str, str], out: Path, **kw: object) -> list[str]:
@@ -171,9 +184,7 @@ def test_resume_never_unpickles_any_checkpoint_file(task, base_run, tmp_path):
     # the command line: exit status 2, one line naming the file, no traceback
     run = _copy(base_run, tmp_path / "cli", drop=(STEP2,))
     (run / "checkpoints" / STEP4 / ".metadata").write_bytes(payload)
-    result = _cli([*_cli_args(task, run), "--resume"])
-    assert result.returncode == 2
-    assert str(run / "checkpoints" / STEP4 / ".metadata") in _one_error_line(result.stderr)
+    assert str(run / "checkpoints" / STEP4 / ".metadata") in _cli_refusal([*_cli_args(task, run), "--resume"])
     assert not marker.exists()
 
 
@@ -214,9 +225,7 @@ def test_a_damaged_checkpoint_file_is_named(task, base_run, tmp_path):
     # the command line: one line, exit status 2
     run = _copy(base_run, tmp_path / "cli", drop=(STEP2,))
     _flip_byte(run / "checkpoints" / STEP4 / RNG, offset=200)
-    result = _cli([*_cli_args(task, run), "--resume"])
-    assert result.returncode == 2
-    assert f"{run / 'checkpoints' / STEP4 / RNG} is damaged" in _one_error_line(result.stderr)
+    assert f"{run / 'checkpoints' / STEP4 / RNG} is damaged" in _cli_refusal([*_cli_args(task, run), "--resume"])
 
 
 # ----------------------------------------------------------------------------- 3. never restart silently
@@ -269,8 +278,7 @@ def test_nothing_usable_is_refused_and_resume_auto_starts_fresh_only_when_there_
     assert train(_config(task, empty, resume="auto"))["trained_steps"] == 4
     assert "starting fresh (--resume-auto)" in capsys.readouterr().err
     _same_training(_steps(empty), _steps(base_run), range(1, 5))
-    result = _cli([*_cli_args(task, tmp_path / "empty-cli"), "--resume"])
-    assert result.returncode == 2 and "--resume: no checkpoint in" in _one_error_line(result.stderr)
+    assert "--resume: no checkpoint in" in _cli_refusal([*_cli_args(task, tmp_path / "empty-cli"), "--resume"])
 
 
 def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
@@ -369,7 +377,7 @@ def _rank_pid(parent: int, rank: int) -> int:
 
 def _stop_with_sigterm(args: list[str], run: Path, pick=lambda proc: proc.pid) -> tuple[int, str]:
     """Start a CLI run, SIGTERM the process `pick` chooses after 2 steps; (stopped step, stderr)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # as this process (one_thread)
     proc = subprocess.Popen([*MERV, *args, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     try:
@@ -389,33 +397,45 @@ def _stop_with_sigterm(args: list[str], run: Path, pick=lambda proc: proc.pid) -
     return step, err
 
 
-def test_sigterm_checkpoints_at_a_step_boundary_and_the_resume_is_exact(task, tmp_path):
-    args = _cli_args(task, tmp_path / "run", **{"max-steps": 10, "checkpoint-every": 100})  # no periodic checkpoint
+SIGTERM_STEPS = 8  # room for the signal to land before the last step
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(task, tmp_path_factory) -> dict[int, dict]:
+    """Metrics of the SIGTERM tests' run trained without interruption (one process)."""
+    want = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train(_config(task, want, max_steps=SIGTERM_STEPS, checkpoint_every=0))
+    return _steps(want)
+
+
+def _resume_in_process(args: list[str]) -> None:
+    again = _cli_in_process([*args, "--resume"])
+    assert again.exit_code == 0, (again.output, again.exception)
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_the_resume_is_exact(task, uninterrupted, tmp_path):
+    # no periodic checkpoint
+    args = _cli_args(task, tmp_path / "run", **{"max-steps": SIGTERM_STEPS, "checkpoint-every": 100})
     step, _err = _stop_with_sigterm(args, tmp_path / "run")
     checkpoints = tmp_path / "run" / "checkpoints"
     assert [p.name for p in checkpoints.glob("step-*")] == [f"step-{step:08d}"]  # written because of the signal
     assert (checkpoints / "latest").read_text() == f"step-{step:08d}"
     assert sorted(_steps(tmp_path / "run")) == list(range(1, step + 1))
-    again = _cli([*args, "--resume"])
-    assert again.returncode == 0, again.stderr[-3000:]
-    want = tmp_path / "want"
-    train(_config(task, want, max_steps=10, checkpoint_every=0))
-    _same_training(_steps(tmp_path / "run"), _steps(want), range(1, 11))
+    _resume_in_process(args)
+    _same_training(_steps(tmp_path / "run"), uninterrupted, range(1, SIGTERM_STEPS + 1))
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers through /proc")
-def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step(task, tmp_path):
+def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step(task, uninterrupted, tmp_path):
     run = tmp_path / "run"
-    args = [*_cli_args(task, run, **{"max-steps": 8, "checkpoint-every": 100}), "--nproc", "2"]
+    args = [*_cli_args(task, run, **{"max-steps": SIGTERM_STEPS, "checkpoint-every": 100}), "--nproc", "2"]
     step, _err = _stop_with_sigterm(args, run, pick=lambda proc: _rank_pid(proc.pid, 1))
     ckpt = run / "checkpoints" / f"step-{step:08d}"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and {RNG, "rng/rank-00001.safetensors"} <= set(manifest["files"])
-    again = _cli([*args, "--resume"])
-    assert again.returncode == 0, again.stderr[-3000:]
-    want = tmp_path / "want"  # one process; the same steps up to float summation order
-    train(_config(task, want, max_steps=8, checkpoint_every=0))
-    got, ref = _steps(run), _steps(want)
-    assert sorted(got) == list(range(1, 9))
-    assert max(abs(got[s]["loss"] - ref[s]["loss"]) for s in range(1, 9)) < 1e-5
-    assert [got[s]["lr"] for s in range(1, 9)] == [ref[s]["lr"] for s in range(1, 9)]
+    _resume_in_process(args)  # two ranks again (torchrun), from the two ranks' checkpoint
+    got, ref = _steps(run), uninterrupted  # one process: the same steps up to float summation order
+    steps = range(1, SIGTERM_STEPS + 1)
+    assert sorted(got) == list(steps)
+    assert max(abs(got[s]["loss"] - ref[s]["loss"]) for s in steps) < 1e-5
+    assert [got[s]["lr"] for s in steps] == [ref[s]["lr"] for s in steps]

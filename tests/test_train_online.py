@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from testkit.extraction import extract_in_process
 
-from merv.extract.job import ExtractOptions, run_extraction
+from merv.extract.job import ExtractOptions
 from merv.extract.sources import local_file
 from merv.pipelines.synthetic import generate_synthetic
 from merv.store import FeatureReader
@@ -32,10 +33,8 @@ def extracted(tmp_path_factory):
     with data.manifest.open("a") as fh:
         fh.write(json.dumps({"id": "still", "path": str(image), "kind": "image"}) + "\n")
     store = str(root / "features.zarr")
-    summary = run_extraction(str(data.manifest), store, ExtractOptions(
-        encoders=["dinov2", "siglip", "vivit", "languagebind"], size="tiny", grid="native", samples_per_shard=4),
-        show_progress=False)
-    assert summary.extracted == 9 and not summary.failed
+    assert extract_in_process(data.manifest, store, ExtractOptions(  # the Ray path has its own tests
+        encoders=["dinov2", "siglip", "vivit", "languagebind"], size="tiny", grid="native", samples_per_shard=4)) == 9
     return root, str(data.train_json), store
 
 
