@@ -411,8 +411,8 @@ class _Run:
         self.decode_plan = replace(decode_plan, encoders={n: e for n, e in decode_plan.encoders.items() if n in needed})
         workers, gpus, cpus, threads = _layout(ray, opts)
         self.config = WorkerConfig(
-            needed, {n: k for n, k in plan.groups.items() if n in needed}, opts.size, opts.weights,
-            opts.batch_size, opts.device, opts.allow_download, torch_threads=threads,
+            needed, {n: k for n, k in plan.groups.items() if n in needed}, size=opts.size, weights=opts.weights,
+            batch_size=opts.batch_size, device=opts.device, allow_download=opts.allow_download, torch_threads=threads,
             storage_options=dict(opts.storage_options),
         )
         # a session this run started already gave its workers the environment (see init_ray)

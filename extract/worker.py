@@ -17,7 +17,7 @@ import contextlib
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -91,6 +91,7 @@ class ShardResult:
 class WorkerConfig:
     encoders: list[str]
     groups: dict[str, str]  # encoder name -> group key, checked against the built encoder
+    _: KW_ONLY  # the rest by name: a positional list silently shifts when a field goes
     size: str = "paper"
     weights: str | None = None
     batch_size: int = 8

@@ -339,7 +339,7 @@ def test_cluster_mode_by_address(reference, media, tmp_path):
         _wait_for_line(head, "will now block", timeout=90)
         cmd = [str(BIN / "merv"), "extract", str(manifest), "--store", url, "--ray-address", f"127.0.0.1:{port}",
                "--size", "tiny", "--grid", GRID, "--encoders", ",".join(ENCODERS),
-               "--samples-per-shard", str(PER_SHARD), "--batch-size", "3", "--workers", "2", "--quiet"]
+               "--samples-per-shard", str(PER_SHARD), "--batch-size", "3", "--workers", "1", "--quiet"]
         result = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=300)
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started, and only those

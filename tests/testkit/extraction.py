@@ -19,8 +19,8 @@ def extract_in_process(manifest: Path | str, store_url: Path | str, opts: Extrac
     """Extract every sample of `manifest` into `store_url` as `opts` asks; returns how many were
     encoded (every shard must succeed: a failed sample fails the test here)."""
     store, keys, plan = prepare_store(str(manifest), str(store_url), opts)
-    config = WorkerConfig(list(opts.encoders), {store.group(k).name: k for k in keys}, opts.size, opts.weights,
-                          tuple(store.meta.grid) if store.meta.grid else None, device=opts.device)
+    config = WorkerConfig(list(opts.encoders), {store.group(k).name: k for k in keys}, size=opts.size,
+                          weights=opts.weights, device=opts.device)
     worker = ShardEncoder(config, store.url)
     table, layout = store.samples, store.group(keys[0])
     encoded = 0
