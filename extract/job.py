@@ -353,7 +353,9 @@ def run_extraction(source: str | None, store_url: str, opts: ExtractOptions, con
         env = None if address else worker_env(opts, on_gpus=opts.device != "cpu" and _local_gpus() > 0)
         ray, started = init_ray(address, env)
         try:
-            _Run(ray, store, plan, decode_plan, opts, summary, env_inherited=started).execute(console, show_progress)
+            # only a session started here, on this machine, was given the workers' environment
+            _Run(ray, store, plan, decode_plan, opts, summary, env_inherited=started and address is None).execute(
+                console, show_progress)
         finally:
             if started:
                 ray.shutdown()

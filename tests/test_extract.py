@@ -341,7 +341,7 @@ def test_cluster_mode_by_address(reference, media, tmp_path):
         _wait_for_line(head, "will now block", timeout=90)
         cmd = [str(BIN / "merv"), "extract", str(manifest), "--store", url, "--ray-address", f"127.0.0.1:{port}",
                "--size", "tiny", "--grid", GRID, "--encoders", ",".join(ENCODERS),
-               "--samples-per-shard", str(PER_SHARD), "--batch-size", "3", "--workers", "1", "--quiet"]
+               "--samples-per-shard", str(PER_SHARD), "--batch-size", "3", "--workers", "1", "--json"]
         result = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=300)
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started, and only those
@@ -352,5 +352,8 @@ def test_cluster_mode_by_address(reference, media, tmp_path):
             head.wait()
         head.stdout.close()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"extracted {len(rows)}," in result.stdout and "failed 0" in result.stdout
+    summary = json.loads(result.stdout)
+    assert summary["extracted"] == len(rows) and not summary["failed"]
+    # the cluster's workers did not start with the driver's environment: it reaches them per actor
+    assert [w["omp_wait_policy"] for w in summary["workers"]] == ["PASSIVE"]
     _assert_same_store(url, reference[0])
