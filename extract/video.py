@@ -259,21 +259,10 @@ def load_clip(
         return _load_torchcodec(p, **args)
     if backend in ("auto", "pyav"):
         return _load_pyav(p, **args)
-    try:
-        return _load_decord(p, **args)
-    except _DecordFailed as failed:
-        raise _classify_unreadable(p, failed.reason) from failed.__cause__
+    return _load_decord(p, **args)
 
 
 # ------------------------------------------------------------------------------------ internals
-class _DecordFailed(Exception):
-    """decord could not open / measure / seek the file (classified into a DecodeError by the caller)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 def _check_file(p: Path) -> None:
     if not p.exists():
         raise MissingFileError(p, "no such file")
@@ -354,15 +343,15 @@ def _load_decord(
         total = len(reader)
         fps = float(reader.get_avg_fps()) or None
     except Exception as exc:  # decord raises RuntimeError / DECORDError with ffmpeg messages
-        raise _DecordFailed(f"decord cannot open: {_short(exc)}") from exc
+        raise _classify_unreadable(p, f"decord cannot open: {_short(exc)}") from exc
     if total < 1:
-        raise _DecordFailed("decord counts zero frames")
+        raise _classify_unreadable(p, "decord counts zero frames")
     idx = _plan(p, total, fps, num_frames, start, end, end_frame, min_frames)
     uniq, inverse = np.unique(idx, return_inverse=True)
     try:
         batch = reader.get_batch(uniq.tolist())
     except Exception as exc:
-        raise _DecordFailed(f"decord cannot seek / decode: {_short(exc)}") from exc
+        raise _classify_unreadable(p, f"decord cannot seek / decode: {_short(exc)}") from exc
     finally:
         del reader
     frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
