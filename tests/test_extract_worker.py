@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 from testkit import media as H
+from testkit.extraction import extract_in_process
+from testkit.features import direct_features
 
 from merv.extract.encoders import ENCODERS, build_encoder
 from merv.extract.job import ExtractError, ExtractOptions, _layout, prepare_store
 from merv.extract.plan import PAPER_DECODE_FRAMES, plan_shards, upsampling_notes
-from merv.extract.video import load_clip, subsample
-from merv.extract.worker import ShardEncoder, WorkerConfig, decode_sample, decode_split
+from merv.extract.worker import ShardEncoder, WorkerConfig, decode_sample
 from merv.store import EncoderGroupSpec, FeatureStore, SampleRecord
-from merv.store.grid import pool_grid_torch
 
 
 @pytest.fixture
@@ -195,26 +195,20 @@ def test_a_grid_larger_than_an_encoders_own_is_never_upsampled(tmp_path):
     assert len(notes) == 2 and all("no upsampling" in n and "8x8" in n for n in notes)
     # the worker writes each group at its stored grid: the encoders' own here, pooled to 2x2 below
     video = H.write_video(tmp_path / "a.mp4", n_frames=24, size=(64, 80), noise=6)
-    _assert_worker_writes_the_stored_grid(store, keys, plan, video)
+    _assert_worker_writes_the_stored_grid(tmp_path / "m.jsonl", store.url, opts, video)
     small = ExtractOptions(encoders=["dinov2", "vivit"], size="tiny", grid="2x2", samples_per_shard=2)
-    store, keys, plan = prepare_store(str(tmp_path / "m.jsonl"), str(tmp_path / "p.zarr"), small)
+    store, keys, _ = prepare_store(str(tmp_path / "m.jsonl"), str(tmp_path / "p.zarr"), small)
     assert all(tuple(store.group(k).spec.grid[1:]) == (2, 2) for k in keys)
     assert upsampling_notes([store.group(k).spec for k in keys], (2, 2)) == []
-    _assert_worker_writes_the_stored_grid(store, keys, plan, video)
+    _assert_worker_writes_the_stored_grid(tmp_path / "m.jsonl", store.url, small, video)
 
 
-def _assert_worker_writes_the_stored_grid(store: FeatureStore, keys: list[str], plan, video: Path) -> None:
-    config = WorkerConfig(["dinov2", "vivit"], {store.group(k).name: k for k in keys}, size="tiny", batch_size=2)
-    worker = ShardEncoder(config, store.url)
-    decoded, payload = decode_split(str(video), (None, None, None), 0, plan)
-    decoded.frames = payload
-    assert not worker.process("video", 0, keys, ["a"], [decoded]).failed
-    clip = load_clip(video, PAPER_DECODE_FRAMES)
-    for key in keys:
-        group = FeatureStore.open(store.url).group(key)
-        enc = worker.encoders[group.name]
-        feats = pool_grid_torch(enc.encode(subsample(clip.frames, enc.info.frames)[None])[0], tuple(group.spec.grid[-2:]))
-        want = feats.numpy().astype(np.float16)
+def _assert_worker_writes_the_stored_grid(manifest: Path, url: str, opts: ExtractOptions, video: Path) -> None:
+    assert extract_in_process(manifest, url, opts) == 1
+    store = FeatureStore.open(url)
+    for key in store.encoder_keys():
+        group = store.group(key)
+        want = direct_features(str(video), build_encoder(group.name, size="tiny"), tuple(group.spec.grid[-2:]))
         assert np.array_equal(group.read_rows("video", np.array([0]))[0].view(np.uint16), want.view(np.uint16)), key
 
 
